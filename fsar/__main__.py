@@ -1,0 +1,5 @@
+"""Allows `python -m fsar ...` (used under `torchrun -m fsar`)."""
+
+from fsar.cli import main
+
+raise SystemExit(main())
