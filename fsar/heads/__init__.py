@@ -1,0 +1,59 @@
+"""Few-shot heads on cached CLIP features: blocks, OTAM, baselines, CLIP-FSAR, CLIP-SPM.
+
+Every head is called as
+`head(support [B,S,T,D], support_labels [B,S], query [B,Q,T,D], class_text [B,N,D],
+query_labels=None, **head_specific) -> HeadOutput(logits [B,Q,N], aux)`.
+"""
+
+from .baselines import OTAMHead, ProtoMeanHead
+from .blocks import (
+    COS_SIM_EPS,
+    Attention,
+    FeedForward,
+    Gate,
+    MotionModule,
+    TemporalConv,
+    TransformerLayer,
+    cos_sim,
+)
+from .clipfsar import CLIPFSARHead
+from .clipspm import SPM_CHOICES, CLIPSPMHead, parse_hsmr_source
+from .clipspm_parts import HSMR, PADM, ClassMeanOTAM, PromptGenerator, TextVideoFusion
+from .otam import OTAM_LAMBDA, frame_distances, otam_bidirectional, otam_distance, otam_one_way
+from .output import Episode, EpisodeError, FewShotHead, HeadOutput, episode_loss
+from .reference import load_official, official_key_map, to_official
+
+__all__ = [
+    "Attention",
+    "CLIPFSARHead",
+    "CLIPSPMHead",
+    "COS_SIM_EPS",
+    "ClassMeanOTAM",
+    "Episode",
+    "EpisodeError",
+    "FeedForward",
+    "FewShotHead",
+    "Gate",
+    "HSMR",
+    "HeadOutput",
+    "MotionModule",
+    "OTAMHead",
+    "OTAM_LAMBDA",
+    "PADM",
+    "PromptGenerator",
+    "ProtoMeanHead",
+    "SPM_CHOICES",
+    "TemporalConv",
+    "TextVideoFusion",
+    "TransformerLayer",
+    "cos_sim",
+    "episode_loss",
+    "frame_distances",
+    "load_official",
+    "official_key_map",
+    "otam_bidirectional",
+    "otam_distance",
+    "otam_one_way",
+    "parse_hsmr_source",
+    "to_official",
+]

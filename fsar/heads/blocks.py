@@ -1,0 +1,166 @@
+"""Building blocks shared by the heads (SPEC 5.1).
+
+Official key names of these blocks are mapped in `fsar.heads.reference`; the attribute names here
+are fsar's own.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "COS_SIM_EPS",
+    "cos_sim",
+    "FeedForward",
+    "Attention",
+    "TransformerLayer",
+    "Gate",
+    "MotionModule",
+    "TemporalConv",
+]
+
+# The releases put one epsilon on the product of the two norms (not on each norm).
+COS_SIM_EPS = 0.01
+
+
+def cos_sim(x: Tensor, y: Tensor, eps: float = COS_SIM_EPS) -> Tensor:
+    """Cosine similarity of the last dimension, as in the releases.
+
+    x [..., M, D], y [..., N, D] (leading dims broadcast) -> [..., M, N] with
+    `x y^T / (|x| |y|^T + eps)`.
+    """
+    numerator = x @ y.transpose(-1, -2)
+    x_norm = x.norm(dim=-1, keepdim=True)  # [..., M, 1]
+    y_norm = y.norm(dim=-1, keepdim=True)  # [..., N, 1]
+    return numerator / (x_norm @ y_norm.transpose(-1, -2) + eps)
+
+
+class FeedForward(nn.Module):
+    """Linear(dim -> hidden), GELU, Dropout, Linear(hidden -> dim), Dropout."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop2 = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class Attention(nn.Module):
+    """Multi-head attention with bias-free q/k/v projections dim -> heads*dim_head.
+
+    The output projection (with bias) is followed by dropout; the attention weights themselves
+    are not dropped (as in the releases).
+    """
+
+    def __init__(self, dim: int, heads: int, dim_head: int, dropout: float = 0.0):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.dim_head = dim_head
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(dim, inner, bias=False)
+        self.to_v = nn.Linear(dim, inner, bias=False)
+        self.to_out = nn.Linear(inner, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def _split(self, x: Tensor) -> Tensor:
+        # [N, L, h*dh] -> [N, h, L, dh]
+        return x.unflatten(-1, (self.heads, self.dim_head)).transpose(1, 2)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """q [N, Lq, dim], k and v [N, Lk, dim] -> [N, Lq, dim]."""
+        out = F.scaled_dot_product_attention(
+            self._split(self.to_q(q)), self._split(self.to_k(k)), self._split(self.to_v(v))
+        )  # softmax(q k^T * dim_head^-0.5) v: [N, h, Lq, dh]
+        out = out.transpose(1, 2).flatten(2)  # [N, Lq, h*dh]
+        return self.drop(self.to_out(out))
+
+
+class TransformerLayer(nn.Module):
+    """PreNorm cross-attention layer `TX(q, k, v)` of the releases.
+
+    One LayerNorm is shared by q, k and v; the attention result is added to the raw q, then an
+    FFN with its own residual. Called with q only, it is self-attention.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        dim_head: int,
+        mlp_dim: int,
+        attn_dropout: float = 0.2,
+        ffn_dropout: float = 0.05,
+    ):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, dim_head, attn_dropout)
+        self.ffn = FeedForward(dim, mlp_dim, ffn_dropout)
+
+    def forward(self, q: Tensor, k: Tensor | None = None, v: Tensor | None = None) -> Tensor:
+        """q [N, Lq, dim]; k, v [N, Lk, dim] (default: q) -> [N, Lq, dim]."""
+        nq = self.norm(q)
+        nk = nq if k is None else self.norm(k)
+        nv = nk if v is None else self.norm(v)
+        x = self.attn(nq, nk, nv) + q
+        return self.ffn(x) + x
+
+
+class Gate(nn.Module):
+    """`g(x) = sigmoid(W2 leaky_relu(W1 x, slope))` with hidden width int(ratio * dim)."""
+
+    def __init__(self, dim: int, ratio: float, negative_slope: float):
+        super().__init__()
+        hidden = int(dim * ratio)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.LeakyReLU(negative_slope)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.sigmoid(self.fc2(self.act(self.fc1(x))))
+
+
+class TemporalConv(nn.Conv1d):
+    """Conv1d dim -> dim along time (kernel 3, padding 1) on frame-last inputs [V, T, dim].
+
+    Same parameters and initialisation as `nn.Conv1d`; computed as one matrix product over the
+    unfolded 3-frame windows, which is much faster than a convolution kernel for short clips
+    (T = 8) on CPU, forward and backward.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__(dim, dim, kernel_size=3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        windows = F.pad(x, (0, 0, 1, 1)).unfold(1, 3, 1)  # [V, T, D_in, 3]
+        return F.linear(windows.flatten(2), self.weight.flatten(1), self.bias)  # [V, T, D_out]
+
+
+class MotionModule(nn.Module):
+    """Motion vector of a frame sequence (CLIP-SPM `M`).
+
+    `c = conv2(conv1(x))` (Conv1d dim -> dim, kernel 3, padding 1, along time);
+    `m[t] = 0.5 * ((c[t+1] - x[t]) + (c[t] - x[t+1]))` for t < T-1; result = mean over t.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.conv1 = TemporalConv(dim)
+        self.conv2 = TemporalConv(dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [..., T, D] with T >= 2 -> [..., D]."""
+        lead = x.shape[:-2]
+        frames = x.reshape(-1, *x.shape[-2:])  # [V, T, D]
+        c = self.conv2(self.conv1(frames))  # [V, T, D]
+        forward_diff = c[:, 1:] - frames[:, :-1]
+        backward_diff = c[:, :-1] - frames[:, 1:]
+        motion = (0.5 * (forward_diff + backward_diff)).mean(1)  # [V, D]
+        return motion.reshape(*lead, motion.shape[-1])

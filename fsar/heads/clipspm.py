@@ -1,0 +1,232 @@
+"""CLIP-SPM head (SPEC 5.3): HSMR + SPM + PADM, equal to the official release."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .blocks import TransformerLayer
+from .clipspm_parts import (
+    HSMR,
+    PADM,
+    ClassMeanOTAM,
+    PromptGenerator,
+    TextVideoFusion,
+    squared_distance,
+)
+from .otam import otam_distance
+from .output import Episode, EpisodeError, FewShotHead, HeadOutput
+
+__all__ = ["CLIPSPMHead", "SPM_CHOICES", "parse_hsmr_source"]
+
+SPM_CHOICES = ("generated", "none")
+
+
+def parse_hsmr_source(source: str) -> str | None:
+    """'final' -> None (shallow level = final embedding); 'layer:<name>' -> '<name>'."""
+    if source == "final":
+        return None
+    if source.startswith("layer:") and len(source) > len("layer:"):
+        return source[len("layer:") :]
+    raise ValueError(f"hsmr_source must be 'final' or 'layer:<name>', got {source!r}")
+
+
+class CLIPSPMHead(FewShotHead):
+    """CLIP-SPM few-shot head.
+
+    logits = -(0.5 * D1 + D2) with `D1 = OTAM_bi(class means of s_r, q_g)` (SPM) and `D2` from
+    PADM. Auxiliary terms (present when `query_labels` is given; means over the B episodes):
+
+    - `aux["motion_consistency"] = motion_alpha * L_hsmr` (if `hsmr`);
+    - `aux["consistency"]`, `aux["text_distance"]`: the paper's prompt-consistency terms times
+      `consistency_weight` / `text_distance_weight` (computed only when the weight is > 0; the
+      release has them off).
+
+    The release's loss for one episode is `CE(logits) + 0.001 * sum(aux.values())`
+    (`episode_loss(out, query_labels, {k: 0.001 for k in out.aux})`). The release accumulates
+    `CE / tasks_per_batch + 0.001 * aux` over its tasks, so the aux terms are summed, not averaged,
+    over a batch: with B episodes in one call (aux = episode mean) use weight `0.001 * B`.
+
+    Ablation switches: `hsmr` (motion regulariser on/off), `hsmr_source` (`final`, or
+    `layer:<name>` with `shallow_dim` and the `support_shallow`/`query_shallow` inputs), `spm`
+    (`generated` prompts, or `none`: no text, frames pass `TX2` alone), `padm` (off: `D2` is
+    OTAM between class means of `s_r` and `q_g`, without refinement or anchors).
+    `motion_alpha` is fixed unless `motion_alpha_learnable` (the release learns it).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int = 8,
+        dim_head: int = 256,
+        mlp_dim: int = 2048,
+        prompt_hidden: int = 2048,
+        gate_text_ratio: float = 1.5,
+        gate_vision_ratio: float = 0.5,
+        negative_slope: float = 0.0025,
+        fusion_alpha: float = 0.2,
+        motion_alpha: float = 1.0,
+        motion_alpha_learnable: bool = False,
+        hsmr: bool = True,
+        hsmr_source: str = "final",
+        shallow_dim: int | None = None,
+        spm: str = "generated",
+        padm: bool = True,
+        consistency_weight: float = 0.0,
+        text_distance_weight: float = 0.0,
+        consistency_query_share: float = 0.54,
+        text_distance_query_share: float = 0.07,
+        attn_dropout: float = 0.2,
+        ffn_dropout: float = 0.05,
+    ):
+        super().__init__()
+        if spm not in SPM_CHOICES:
+            raise ValueError(f"spm must be one of {SPM_CHOICES}, got {spm!r}")
+        self.hsmr_layer = parse_hsmr_source(hsmr_source)
+        if (self.hsmr_layer is None) != (shallow_dim is None):
+            raise ValueError("shallow_dim is needed exactly when hsmr_source is 'layer:<name>'")
+        if spm == "none" and (consistency_weight or text_distance_weight):
+            raise ValueError(
+                "the consistency terms compare generated prompts: they need spm='generated'"
+            )
+
+        def transformer() -> TransformerLayer:
+            return TransformerLayer(dim, heads, dim_head, mlp_dim, attn_dropout, ffn_dropout)
+
+        self.fusion = TextVideoFusion(
+            transformer(), dim, gate_text_ratio, gate_vision_ratio, negative_slope, fusion_alpha
+        )
+        self.prompt_generator = (
+            PromptGenerator(dim, prompt_hidden, ffn_dropout) if spm == "generated" else None
+        )
+        self.padm = PADM(transformer()) if padm else ClassMeanOTAM()
+        self.require_equal_shots = padm
+        self.hsmr = HSMR(dim, shallow_dim) if hsmr else None
+        alpha = torch.tensor(float(motion_alpha))
+        if motion_alpha_learnable:
+            self.motion_alpha = nn.Parameter(alpha)
+        else:
+            self.register_buffer("motion_alpha", alpha)
+        self.consistency_weight = consistency_weight
+        self.text_distance_weight = text_distance_weight
+        self.consistency_query_share = consistency_query_share
+        self.text_distance_query_share = text_distance_query_share
+
+    def compute(
+        self,
+        episode: Episode,
+        support_shallow: Tensor | None = None,
+        query_shallow: Tensor | None = None,
+    ) -> HeadOutput:
+        support, query = episode.support, episode.query
+        aux: dict[str, Tensor] = {}
+        if self.prompt_generator is None:
+            support_r, query_g = self._without_text(support, query)
+        else:
+            support_r, query_g = self._semantic_prompting(episode, aux)
+        d1 = otam_distance(query_g, episode.class_means(support_r))  # [B, Q, N]
+        d2 = self.padm(episode, support_r, query_g)  # [B, Q, N]
+        logits = -(0.5 * d1 + d2)
+        if episode.query_labels is not None and self.hsmr is not None:
+            s_shallow, q_shallow = self._shallow_inputs(episode, support_shallow, query_shallow)
+            l_hsmr = self.hsmr(self.fusion, support, query, s_shallow, q_shallow)
+            aux["motion_consistency"] = self.motion_alpha * l_hsmr
+        elif support_shallow is not None or query_shallow is not None:
+            self._shallow_inputs(episode, support_shallow, query_shallow)  # still check them
+        return HeadOutput(logits, aux)
+
+    def _without_text(self, support: Tensor, query: Tensor) -> tuple[Tensor, Tensor]:
+        """spm='none': supports and queries pass the fusion transformer on their frames alone."""
+        n_support = support.shape[0] * support.shape[1]
+        out = self.fusion.transformer(torch.cat([support.flatten(0, 1), query.flatten(0, 1)]))
+        return out[:n_support].view_as(support), out[n_support:].view_as(query)
+
+    def _semantic_prompting(
+        self, episode: Episode, aux: dict[str, Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """SPM: `(s_r, ts_r) = SE(s, E[c_s])`, `(q_g, tq_g) = SE(q, p(q))`; consistency terms."""
+        support, query = episode.support, episode.query
+        episode_token = episode.class_text.mean(1)  # tau: [B, D]
+        support_text = episode.support_text()  # E[c_s]: [B, S, D]
+        query_prompt = self.prompt_generator(episode_token, query)  # p(q): [B, Q, D]
+        frames = [support, query]
+        tokens = [support_text, query_prompt]
+        with_terms = episode.query_labels is not None and (
+            self.consistency_weight or self.text_distance_weight
+        )
+        if with_terms:  # also SE(s, p(s)) and SE(q, E[c_q])
+            support_prompt = self.prompt_generator(episode_token, support)
+            query_text = episode.query_text()
+            frames += [support, query]
+            tokens += [support_prompt, query_text]
+        fused, fused_tok = self.fusion(
+            torch.cat([x.flatten(0, 1) for x in frames]),
+            torch.cat([x.flatten(0, 1) for x in tokens]),
+        )
+        sizes = [x.shape[0] * x.shape[1] for x in frames]
+        fused = [
+            f.unflatten(0, x.shape[:2]) for f, x in zip(fused.split(sizes), frames, strict=True)
+        ]
+        fused_tok = [
+            f.unflatten(0, x.shape[:2]) for f, x in zip(fused_tok.split(sizes), frames, strict=True)
+        ]
+        if with_terms:
+            self._consistency_terms(aux, tokens, fused, fused_tok)
+        return fused[0], fused[1]
+
+    def _consistency_terms(
+        self,
+        aux: dict[str, Tensor],
+        tokens: list[Tensor],
+        fused: list[Tensor],
+        fused_tok: list[Tensor],
+    ) -> None:
+        """The paper's consistency terms between real-text and generated-prompt paths."""
+        support_text, query_prompt, support_prompt, query_text = tokens
+        s_real, q_gen, s_gen, q_real = fused
+        ts_real, tq_gen, ts_gen, tq_real = fused_tok
+
+        def dist(x: Tensor, y: Tensor) -> Tensor:  # mean over videos of the squared distance
+            return squared_distance(x.flatten(0, 1), y.flatten(0, 1)).mean()
+
+        def with_token(tok: Tensor, frames: Tensor) -> Tensor:
+            return torch.cat([tok[:, :, None], frames], dim=2)  # [B, V, T+1, D]
+
+        if self.consistency_weight:
+            share = self.consistency_query_share
+            query_term = dist(with_token(tq_real, q_real), with_token(tq_gen, q_gen))
+            support_term = dist(with_token(ts_real, s_real), with_token(ts_gen, s_gen))
+            aux["consistency"] = self.consistency_weight * (
+                share * query_term + (1 - share) * support_term
+            )
+        if self.text_distance_weight:
+            share = self.text_distance_query_share
+            query_term = dist(query_text, query_prompt) + dist(tq_real, tq_gen)
+            support_term = dist(support_text, support_prompt) + dist(ts_real, ts_gen)
+            aux["text_distance"] = self.text_distance_weight * (
+                share * query_term + (0.5 - share) * support_term
+            )
+
+    def _shallow_inputs(
+        self, episode: Episode, support_shallow: Tensor | None, query_shallow: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """The shallow level of HSMR: the final embedding, or the checked layer inputs."""
+        if self.hsmr_layer is None:
+            if support_shallow is not None or query_shallow is not None:
+                raise EpisodeError("support_shallow/query_shallow given but hsmr_source is 'final'")
+            return episode.support, episode.query
+        if support_shallow is None or query_shallow is None:
+            raise EpisodeError(
+                f"hsmr_source 'layer:{self.hsmr_layer}' needs support_shallow [B,S,T,D_l] and "
+                "query_shallow [B,Q,T,D_l] when query_labels are given"
+            )
+        for name, x, ref in (
+            ("support_shallow", support_shallow, episode.support),
+            ("query_shallow", query_shallow, episode.query),
+        ):
+            if x.dim() != 4 or x.shape[:3] != ref.shape[:3]:
+                raise EpisodeError(
+                    f"{name} must be [B,*,T,D_l] matching {list(ref.shape[:3])}, "
+                    f"got {list(x.shape)}"
+                )
+        return support_shallow, query_shallow

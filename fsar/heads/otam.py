@@ -1,0 +1,160 @@
+"""OTAM: ordered temporal alignment with a soft-min relaxation (SPEC 5.1).
+
+The dynamic programme runs over anti-diagonals of the padded cost matrix: every cell of one
+anti-diagonal depends only on the two previous ones, so a whole anti-diagonal of every
+(episode, query, prototype) pair is one tensor operation. The loop has Tq + Ts + 1 steps and no
+Python loop over pairs. The backward pass is the matching reverse sweep over the soft-min weights
+(as in soft-DTW), which is much cheaper than recording every step for autograd.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .blocks import cos_sim
+
+__all__ = ["OTAM_LAMBDA", "otam_one_way", "otam_bidirectional", "frame_distances", "otam_distance"]
+
+# Soft-min temperature of the releases (OTAM_cum_dist_v2).
+OTAM_LAMBDA = 0.5
+
+
+# Soft-min weights below e^_EXP_FLOOR are set to 0 in the backward sweep: negligible next to the
+# weights that matter, and it keeps CPU exp() and products off the slow denormal path.
+_EXP_FLOOR = -80.0
+
+
+@functools.lru_cache(maxsize=64)
+def _sweep_masks(
+    rows: int, width: int, device: torch.device, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """Masks of the anti-diagonal sweep over a padded [rows, width] grid.
+
+    Anti-diagonal k = 0..K-1 (K = rows + width - 1) holds the cells (l, m = k - l), l = 0..rows-1.
+    - computed [K, rows, 1] bool: the cell follows the recurrence (1 <= m <= width-1); the
+      others (column 0, and positions outside the grid) hold 0;
+    - up_mask [K, rows, 1]: 0 where the up-move (l-1, m) -> (l, m) exists (m = 1 or
+      m = width-1), -inf elsewhere.
+    """
+    k = torch.arange(rows + width - 1)[:, None]
+    m = k - torch.arange(rows)[None, :]
+    computed = (m >= 1) & (m <= width - 1)
+    up_mask = torch.where((m == 1) | (m == width - 1), 0.0, float("-inf")).to(dtype)
+    return computed[..., None].to(device), up_mask[..., None].to(device)
+
+
+def _up_rows(k: int, rows: int, width: int) -> list[int]:
+    """Rows l >= 1 of anti-diagonal k whose cell has an up-move (column m = 1 or width-1)."""
+    return [l for l in (k - 1, k - width + 1) if 1 <= l < rows]
+
+
+class _OTAMOneWay(torch.autograd.Function):
+    """Forward: anti-diagonal sweep. Backward: reverse sweep of the soft-min weights.
+
+    Costs are kept negated and in units of lambda (`-C / lam`), so a soft-min is a plain
+    log-sum-exp of the predecessors. Buffers are laid out [anti-diagonal, row, pair] so every
+    step works on contiguous rows of pairs.
+    """
+
+    @staticmethod
+    def forward(ctx, dists: Tensor, lam: float) -> Tensor:
+        *lead, rows, cols = dists.shape
+        width = cols + 2
+        computed, _ = _sweep_masks(rows, width, dists.device, dists.dtype)
+        n_diag = computed.shape[0]
+        padded = F.pad(dists.reshape(-1, rows, cols), (1, 1)) / lam  # [P, rows, width]
+        pairs = padded.shape[0]
+        # skew[k, l, p] = padded[p, l, k - l]; positions outside the grid read other cells
+        # of the same pair and are never used.
+        skew = padded.as_strided((n_diag, rows, pairs), (1, width - 1, rows * width)).contiguous()
+        neg_cost = dists.new_empty(n_diag, rows + 1, pairs)  # row slot 0 = row -1
+        neg_cost[:, 0] = float("-inf")
+        neg_cost[0, 1:] = 0.0  # anti-diagonal 0: cell (0, 0) = 0; every later one is written below
+        for k in range(1, n_diag):
+            prev2, prev1 = neg_cost[max(k - 2, 0)], neg_cost[k - 1]
+            # diagonal (l-1, m-1) and left (l, m-1) moves; slot l of an anti-diagonal is row l-1
+            soft = torch.logaddexp(prev2[:-1], prev1[1:])  # [rows, P]
+            for l in _up_rows(k, rows, width):  # the up move (l-1, m), in one or two rows only
+                soft[l] = torch.logaddexp(soft[l], prev1[l])
+            neg_cost[k, 1:] = torch.where(computed[k], soft.sub_(skew[k]), 0.0)
+        ctx.save_for_backward(neg_cost, skew)
+        ctx.lead = lead
+        return (-lam * neg_cost[n_diag - 1, rows]).reshape(lead)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None]:
+        neg_cost, skew = ctx.saved_tensors
+        n_diag, slots, pairs = neg_cost.shape
+        rows = slots - 1
+        width = n_diag - rows + 1
+        computed, up_mask = _sweep_masks(rows, width, neg_cost.device, neg_cost.dtype)
+        # Soft-min weight of every cell (anti-diagonals 1..K-1; entry k-1 is anti-diagonal k) on
+        # each predecessor, all at once: exp(pred - logsumexp). Cells that are not computed get
+        # logsumexp = +inf, hence weight 0.
+        soft = torch.where(computed[1:], neg_cost[1:, 1:] + skew[1:], float("inf"))
+
+        def weights(pred: Tensor, lse: Tensor) -> Tensor:
+            z = pred - lse
+            used = z > _EXP_FLOOR  # exactly 0 below the floor: no denormals
+            return z.clamp_min_(_EXP_FLOOR).exp_().mul_(used)  # [*, rows, P]
+
+        # anti-diagonal 1 has no diagonal move (its only computed cell is in row 0)
+        w_diag = weights(neg_cost[:-2, :-1], soft[1:])  # entry k-2 is anti-diagonal k
+        w_left = weights(neg_cost[:-1, 1:], soft)
+        w_up = weights(neg_cost[:-1, :-1], soft - up_mask[1:])  # lse + inf where no up move
+        grad = neg_cost.new_empty(n_diag, rows, pairs)
+        grad[n_diag - 1] = 0.0
+        grad[n_diag - 1, rows - 1] = grad_out.reshape(pairs)
+        for k in range(n_diag - 2, 0, -1):
+            # successors of (l, m): left (l, m+1) and up (l+1, m) on k+1, diagonal (l+1, m+1) on k+2
+            acc = grad[k + 1] * w_left[k]
+            acc[:-1].addcmul_(grad[k + 1, 1:], w_up[k, 1:])
+            if k + 2 < n_diag:
+                acc[:-1].addcmul_(grad[k + 2, 1:], w_diag[k, 1:])
+            grad[k] = acc
+        # d result / d dists[p, l, j] = grad of cell (l, j+1), stored at grad[l + j + 1, l, p]
+        plane = rows * pairs
+        grad_dists = grad.as_strided((pairs, rows, width - 2), (1, plane + pairs, plane), plane)
+        return grad_dists.reshape(*ctx.lead, rows, width - 2), None
+
+
+def otam_one_way(dists: Tensor, lam: float = OTAM_LAMBDA) -> Tensor:
+    """One-way OTAM of frame distances `dists [..., Tq, Ts]` -> `[...]`.
+
+    The matrix is padded with one zero column left and right; `C` follows SPEC 5.1 with
+    `softmin(a, ...) = -lam * log sum exp(-a / lam)`; the result is `C[Tq-1, Ts+1]`.
+    Differentiable once (an analytic backward sweep); not twice.
+    """
+    return _OTAMOneWay.apply(dists, lam)
+
+
+def otam_bidirectional(dists: Tensor, lam: float = OTAM_LAMBDA) -> Tensor:
+    """`otam_one_way(d) + otam_one_way(d^T)` for `dists [..., Tq, Ts]` -> `[...]`."""
+    transposed = dists.transpose(-1, -2)
+    if dists.shape[-1] == dists.shape[-2]:
+        both = otam_one_way(torch.stack([dists, transposed]), lam)  # one sweep for both directions
+        return both[0] + both[1]
+    return otam_one_way(dists, lam) + otam_one_way(transposed, lam)
+
+
+def frame_distances(query: Tensor, prototypes: Tensor) -> Tensor:
+    """`1 - cos_sim` between all frames: query [B, Q, Tq, D], prototypes [B, N, Ts, D]
+    -> [B, Q, N, Tq, Ts]."""
+    b, q, tq, d = query.shape
+    n, ts = prototypes.shape[1], prototypes.shape[2]
+    sim = cos_sim(query.reshape(b, q * tq, d), prototypes.reshape(prototypes.shape[0], n * ts, d))
+    return (1 - sim).reshape(b, q, tq, n, ts).transpose(2, 3)
+
+
+def otam_distance(
+    query: Tensor, prototypes: Tensor, bidirectional: bool = True, lam: float = OTAM_LAMBDA
+) -> Tensor:
+    """OTAM distance of every query to every prototype: [B, Q, T, D] x [B, N, T, D] -> [B, Q, N]."""
+    dists = frame_distances(query, prototypes)
+    return otam_bidirectional(dists, lam) if bidirectional else otam_one_way(dists, lam)

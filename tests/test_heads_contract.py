@@ -1,0 +1,332 @@
+"""One contract for every head: shapes, permutations, batching, labels, ablations, bad inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fsar.heads import (
+    CLIPFSARHead,
+    CLIPSPMHead,
+    EpisodeError,
+    HeadOutput,
+    OTAMHead,
+    ProtoMeanHead,
+    episode_loss,
+)
+
+D, T, WAY, SHOT, QPC = 32, 5, 4, 2, 2
+SMALL_SPM = dict(heads=2, dim_head=8, mlp_dim=48, prompt_hidden=40)
+
+# name -> factory; every head here must satisfy the whole contract
+HEADS = {
+    "proto_mean": lambda: ProtoMeanHead(),
+    "otam": lambda: OTAMHead(),
+    "otam_one_way": lambda: OTAMHead(bidirectional=False),
+    "clipfsar": lambda: CLIPFSARHead(D, mlp_dim=48),
+    "clipfsar_merge_before": lambda: CLIPFSARHead(D, mlp_dim=48, merge_before=True),
+    "clipfsar_fusion": lambda: CLIPFSARHead(D, mlp_dim=48, fusion_beta=0.9),
+    "clipspm": lambda: CLIPSPMHead(D, **SMALL_SPM),
+    "clipspm_no_hsmr": lambda: CLIPSPMHead(D, **SMALL_SPM, hsmr=False),
+    "clipspm_no_spm": lambda: CLIPSPMHead(D, **SMALL_SPM, spm="none"),
+    "clipspm_no_padm": lambda: CLIPSPMHead(D, **SMALL_SPM, padm=False),
+    "clipspm_learnable_alpha": lambda: CLIPSPMHead(D, **SMALL_SPM, motion_alpha_learnable=True),
+    "clipspm_consistency": lambda: CLIPSPMHead(
+        D, **SMALL_SPM, consistency_weight=1.0, text_distance_weight=1.0
+    ),
+}
+PADM_HEADS = {
+    "clipspm",
+    "clipspm_no_hsmr",
+    "clipspm_no_spm",
+    "clipspm_learnable_alpha",
+    "clipspm_consistency",
+}
+
+
+def make_head(name: str, dtype=torch.float64) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return HEADS[name]().to(dtype).eval()
+
+
+def make_episodes(b=2, way=WAY, shot=SHOT, qpc=QPC, t=T, d=D, seed=0, dtype=torch.float64):
+    """B shuffled episodes: support [B,S,T,D], labels, query [B,Q,T,D], class_text, query_labels."""
+    g = torch.Generator().manual_seed(seed)
+    support_labels = torch.stack(
+        [torch.arange(way).repeat(shot)[torch.randperm(way * shot, generator=g)] for _ in range(b)]
+    )
+    query_labels = torch.stack(
+        [torch.arange(way).repeat(qpc)[torch.randperm(way * qpc, generator=g)] for _ in range(b)]
+    )
+    class_text = torch.randn(b, way, d, generator=g, dtype=dtype)
+    # class-dependent features so that the episodes are not pure noise
+    support = (
+        torch.randn(b, way * shot, t, d, generator=g, dtype=dtype)
+        + torch.gather(class_text, 1, support_labels[..., None].expand(-1, -1, d))[:, :, None]
+    )
+    query = (
+        torch.randn(b, way * qpc, t, d, generator=g, dtype=dtype)
+        + torch.gather(class_text, 1, query_labels[..., None].expand(-1, -1, d))[:, :, None]
+    )
+    return support, support_labels, query, class_text, query_labels
+
+
+def run(head, support, support_labels, query, class_text, query_labels=None) -> HeadOutput:
+    with torch.no_grad():
+        return head(support, support_labels, query, class_text, query_labels=query_labels)
+
+
+def close(a, b, tol=1e-9):
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_head_returns_logits_of_shape_b_q_n_and_scalar_aux(name):
+    head = make_head(name)
+    s, sl, q, ct, ql = make_episodes()
+    out = run(head, s, sl, q, ct, ql)
+    assert out.logits.shape == (2, WAY * QPC, WAY)
+    assert torch.isfinite(out.logits).all()
+    for key, value in out.aux.items():
+        assert value.dim() == 0 and torch.isfinite(value), key
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_permuting_supports_changes_nothing_and_permuting_queries_permutes_rows(name):
+    head = make_head(name)
+    s, sl, q, ct, ql = make_episodes()
+    out = run(head, s, sl, q, ct, ql)
+    ps, pq = torch.randperm(s.shape[1]), torch.randperm(q.shape[1])
+    permuted = run(head, s[:, ps], sl[:, ps], q[:, pq], ct, ql[:, pq])
+    close(permuted.logits, out.logits[:, pq])
+    assert permuted.aux.keys() == out.aux.keys()
+    for key in out.aux:
+        close(permuted.aux[key], out.aux[key])
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_renaming_the_classes_permutes_the_logit_columns(name):
+    head = make_head(name)
+    s, sl, q, ct, ql = make_episodes()
+    out = run(head, s, sl, q, ct, ql)
+    perm = torch.randperm(WAY)  # old label n becomes perm[n]
+    inverse = torch.argsort(perm)
+    renamed = run(head, s, perm[sl], q, ct[:, inverse], perm[ql])
+    close(renamed.logits[..., perm], out.logits)
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_logits_never_depend_on_query_labels(name):
+    head = make_head(name)
+    s, sl, q, ct, ql = make_episodes()
+    without = run(head, s, sl, q, ct)
+    with_labels = run(head, s, sl, q, ct, ql)
+    other = run(head, s, sl, q, ct, torch.roll(ql, 1, dims=1))
+    close(with_labels.logits, without.logits, 0)
+    close(other.logits, without.logits, 0)
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_a_batch_of_episodes_gives_the_per_episode_results(name):
+    head = make_head(name)
+    s, sl, q, ct, ql = make_episodes(b=3, seed=4)
+    out = run(head, s, sl, q, ct, ql)
+    singles = [
+        run(head, s[i : i + 1], sl[i : i + 1], q[i : i + 1], ct[i : i + 1], ql[i : i + 1])
+        for i in range(3)
+    ]
+    close(out.logits, torch.cat([o.logits for o in singles]))
+    for key in out.aux:
+        close(out.aux[key], torch.stack([o.aux[key] for o in singles]).mean())
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_head_runs_in_float32_and_matches_float64(name):
+    s, sl, q, ct, ql = make_episodes()
+    out64 = run(make_head(name, torch.float64), s, sl, q, ct, ql)
+    out32 = run(make_head(name, torch.float32), s.float(), sl, q.float(), ct.float(), ql)
+    torch.testing.assert_close(out32.logits.double(), out64.logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", [n for n in HEADS if n.startswith("clip")])
+def test_a_training_step_reaches_every_parameter(name):
+    head = make_head(name).train()
+    s, sl, q, ct, ql = make_episodes()
+    kwargs = {}
+    if isinstance(head, CLIPFSARHead):
+        table = torch.randn(10, D, dtype=torch.float64)
+        kwargs = dict(support_class_ids=sl + 3, query_class_ids=ql + 3, text_table=table)
+    out = head(s, sl, q, ct, query_labels=ql, **kwargs)
+    episode_loss(out, ql, {k: 0.001 for k in out.aux}).backward()
+    missing = [
+        n for n, p in head.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()
+    ]
+    assert not missing, f"no finite gradient for {missing}"
+
+
+@pytest.mark.parametrize("name", [n for n in HEADS if n.startswith("clipspm")])
+def test_clipspm_aux_terms_appear_only_with_query_labels(name):
+    head = make_head(name)
+    s, sl, q, ct, ql = make_episodes()
+    assert run(head, s, sl, q, ct).aux == {}
+    aux = run(head, s, sl, q, ct, ql).aux
+    assert ("motion_consistency" in aux) == (head.hsmr is not None)
+    assert ("consistency" in aux) == ("text_distance" in aux) == (name == "clipspm_consistency")
+
+
+@pytest.mark.parametrize("switch", ["spm_none", "no_padm", "fsar_merge_before"])
+def test_each_ablation_switch_gives_a_working_head_with_different_logits(switch):
+    builders = {
+        "spm_none": (
+            lambda: CLIPSPMHead(D, **SMALL_SPM),
+            lambda: CLIPSPMHead(D, **SMALL_SPM, spm="none"),
+        ),
+        "no_padm": (
+            lambda: CLIPSPMHead(D, **SMALL_SPM),
+            lambda: CLIPSPMHead(D, **SMALL_SPM, padm=False),
+        ),
+        "fsar_merge_before": (
+            lambda: CLIPFSARHead(D, mlp_dim=48),
+            lambda: CLIPFSARHead(D, mlp_dim=48, merge_before=True),
+        ),
+    }
+    full_builder, ablated_builder = builders[switch]
+    torch.manual_seed(0)
+    full = full_builder().double().eval()
+    ablated = ablated_builder().double().eval()
+    shared = {k: v for k, v in full.state_dict().items() if k in ablated.state_dict()}
+    ablated.load_state_dict(shared, strict=False)  # same weights wherever both have them
+    s, sl, q, ct, ql = make_episodes()
+    a, b = run(full, s, sl, q, ct), run(ablated, s, sl, q, ct)
+    assert torch.isfinite(b.logits).all()
+    assert (a.logits - b.logits).abs().max() > 1e-6
+
+
+def test_hsmr_switch_removes_the_motion_loss_and_its_parameters():
+    torch.manual_seed(0)
+    full = CLIPSPMHead(D, **SMALL_SPM).double().eval()
+    ablated = CLIPSPMHead(D, **SMALL_SPM, hsmr=False).double().eval()
+    ablated.load_state_dict(
+        {k: v for k, v in full.state_dict().items() if k in ablated.state_dict()}
+    )
+    s, sl, q, ct, ql = make_episodes()
+    a, b = run(full, s, sl, q, ct, ql), run(ablated, s, sl, q, ct, ql)
+    # HSMR is a training regulariser: inference logits are the same, the loss is not
+    close(a.logits, b.logits)
+    assert "motion_consistency" in a.aux and "motion_consistency" not in b.aux
+    assert not any("motion" in n for n, _ in ablated.named_parameters())
+    assert episode_loss(a, ql, {k: 0.001 for k in a.aux}) != episode_loss(
+        b, ql, {k: 0.001 for k in b.aux}
+    )
+
+
+def test_hsmr_from_an_intermediate_layer_uses_the_shallow_inputs():
+    torch.manual_seed(0)
+    head = CLIPSPMHead(D, **SMALL_SPM, hsmr_source="layer:blocks.6", shallow_dim=24).double().eval()
+    s, sl, q, ct, ql = make_episodes()
+    g = torch.Generator().manual_seed(9)
+    s_shallow = torch.randn(*s.shape[:3], 24, generator=g, dtype=torch.float64)
+    q_shallow = torch.randn(*q.shape[:3], 24, generator=g, dtype=torch.float64)
+    out = head(s, sl, q, ct, query_labels=ql, support_shallow=s_shallow, query_shallow=q_shallow)
+    other = head(
+        s, sl, q, ct, query_labels=ql, support_shallow=s_shallow * 2, query_shallow=q_shallow
+    )
+    assert out.aux["motion_consistency"] != other.aux["motion_consistency"]
+    close(out.logits, other.logits)
+    with pytest.raises(EpisodeError, match="needs support_shallow"):
+        head(s, sl, q, ct, query_labels=ql)
+    with pytest.raises(EpisodeError, match="support_shallow"):
+        head(
+            s,
+            sl,
+            q,
+            ct,
+            query_labels=ql,
+            support_shallow=s_shallow[:, :, :3],
+            query_shallow=q_shallow,
+        )
+    with pytest.raises(EpisodeError, match="hsmr_source is 'final'"):
+        make_head("clipspm")(
+            s, sl, q, ct, query_labels=ql, support_shallow=s_shallow, query_shallow=q_shallow
+        )
+
+
+def test_bad_constructor_switches_raise_with_the_choices():
+    with pytest.raises(ValueError, match="generated"):
+        CLIPSPMHead(D, spm="real")
+    with pytest.raises(ValueError, match="layer:<name>"):
+        CLIPSPMHead(D, hsmr_source="shallow")
+    with pytest.raises(ValueError, match="shallow_dim"):
+        CLIPSPMHead(D, hsmr_source="layer:blocks.3")
+    with pytest.raises(ValueError, match="fusion_beta"):
+        CLIPFSARHead(D, fusion_beta=1.5)
+
+
+def _bad_inputs():
+    s, sl, q, ct, ql = make_episodes()
+    unequal = sl.clone()
+    unequal[:, :] = torch.tensor([0, 0, 0, 1, 1, 2, 2, 3])  # 3/2/2/1 shots
+    no_class_3 = sl.clone()
+    no_class_3[no_class_3 == 3] = 2
+    return {
+        "T mismatch": ((s, sl, q[:, :, :-1], ct, None), "T="),
+        "D mismatch": ((s, sl, q[..., :-1], ct, None), "feature dims"),
+        "class_text D mismatch": ((s, sl, q, ct[..., :-1], None), "feature dims"),
+        "support label too large": ((s, torch.where(sl == 3, 4, sl), q, ct, None), r"0\.\.3"),
+        "negative query label": ((s, sl, q, ct, ql - 1), r"query_labels must lie in 0\.\.3"),
+        "class without supports": (
+            (s, no_class_3, q, ct, None),
+            "class 3 of episode 0 has no support",
+        ),
+        "unbatched support": ((s[0], sl[0], q[0], ct[0], None), "leading episode dimension"),
+        "float labels": ((s, sl.double(), q, ct, None), "integer"),
+        "episode count mismatch": ((s, sl, q[:1], ct, None), "episode counts"),
+        "labels shape": ((s, sl[:, :-1], q, ct, None), "support_labels must be"),
+        "unequal shots": ((s, unequal, q, ct, None), "same number of supports"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_inputs()))
+@pytest.mark.parametrize("name", HEADS)
+def test_bad_inputs_raise_one_clear_error(name, case):
+    (s, sl, q, ct, ql), message = _bad_inputs()[case]
+    head = make_head(name)
+    if case == "unequal shots" and name not in PADM_HEADS:
+        assert run(head, s, sl, q, ct, ql).logits.shape == (2, q.shape[1], WAY)
+        return
+    with pytest.raises(EpisodeError, match=message):
+        run(head, s, sl, q, ct, ql)
+
+
+def test_clipfsar_video_text_term_and_fusion():
+    torch.manual_seed(0)
+    head = (
+        CLIPFSARHead(D, mlp_dim=48, fusion_beta=0.9, attn_dropout=0.0, ffn_dropout=0.0)
+        .double()
+        .eval()
+    )
+    s, sl, q, ct, ql = make_episodes()
+    table = torch.randn(10, D, dtype=torch.float64)
+    assert head.video_text_logits(s, table).shape == (2, s.shape[1], 10)
+    with pytest.raises(EpisodeError, match="together"):
+        head(s, sl, q, ct, support_class_ids=sl)
+    with pytest.raises(EpisodeError, match="rows of text_table"):
+        head(s, sl, q, ct, support_class_ids=sl + 9, query_class_ids=ql, text_table=table)
+    out = head(s, sl, q, ct, support_class_ids=sl, query_class_ids=ql, text_table=table)
+    assert out.aux["video_text"].dim() == 0
+    # eval: the release's fused probabilities p_text^beta * p_fewshot^(1-beta), in (0, 1]
+    assert ((out.logits > 0) & (out.logits <= 1)).all()
+    # training: no fusion, the plain -OTAM logits
+    plain = CLIPFSARHead(D, mlp_dim=48, attn_dropout=0.0, ffn_dropout=0.0).double().eval()
+    plain.load_state_dict(head.state_dict())
+    close(head.train()(s, sl, q, ct).logits, plain(s, sl, q, ct).logits)
+
+
+def test_temporal_conv_equals_conv1d_over_time():
+    from fsar.heads import TemporalConv
+
+    torch.manual_seed(0)
+    conv = TemporalConv(16).double()
+    x = torch.randn(3, 7, 16, dtype=torch.float64)
+    expected = torch.nn.functional.conv1d(x.transpose(1, 2), conv.weight, conv.bias, padding=1)
+    close(conv(x), expected.transpose(1, 2))
