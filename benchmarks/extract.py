@@ -1,0 +1,134 @@
+"""Extraction throughput: the fsar runner against a naive loop, same videos, same model, one run.
+
+The naive loop is what release-style code does per video: decode every needed frame to a PIL
+image, transform each image on its own, push one image at a time through the encoder.
+Writes JSON (frames/s of both, their ratio, the machine). Absolute numbers only mean something
+on the machine recorded with them; the ratio is the claim.
+
+    python benchmarks/extract.py --out benchmarks/results/extract.json [--model fsar-tiny-vit]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+from torchvision import transforms as T
+
+from fsar.config import load_config
+from fsar.data.frames import parse_frame_policy, select_frames
+from fsar.data.synthetic import write_video
+from fsar.extract.encoders import EncoderSpec, build_encoder
+from fsar.extract.runner import run_extraction
+
+
+def render(root: Path, n_videos: int, n_frames: int, size: tuple[int, int]) -> list[Path]:
+    rng = np.random.default_rng(0)
+    paths = []
+    for index in range(n_videos):
+        frames = rng.integers(0, 255, size=(n_frames, *size, 3), dtype=np.uint8)
+        frames[:, ::8] = 255  # some structure so the codec has work to do
+        path = root / f"class{index % 4}" / f"video{index}.mp4"
+        write_video(path, frames, fps=25)
+        paths.append(path)
+    return paths
+
+
+def naive_loop(
+    paths: list[Path], model_name: str, seq_len: int, random_init: bool
+) -> tuple[int, float]:
+    encoder = build_encoder(EncoderSpec(model_name, random_init=random_init))
+    crop = encoder.image_size
+    transform = T.Compose(
+        [
+            T.Resize(round(crop * 256 / 224), interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(crop),
+            T.ToTensor(),
+            T.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+        ]
+    )
+    policy = parse_frame_policy("reference_test", seq_len=seq_len)
+    frames = 0
+    start = time.perf_counter()
+    with torch.no_grad():
+        for path in paths:
+            with av.open(str(path)) as container:
+                wanted = set(select_frames(policy, container.streams.video[0].frames))
+                images = [  # decode sequentially, turn only the needed frames into PIL images
+                    frame.to_image()
+                    for index, frame in enumerate(container.decode(video=0))
+                    if index in wanted
+                ]
+            for image in images:
+                encoder.model.encode_image(transform(image).unsqueeze(0))
+                frames += 1
+    return frames, time.perf_counter() - start
+
+
+def fsar_runner(
+    root: Path, out: Path, model_name: str, workers: int, random_init: bool
+) -> tuple[int, float]:
+    config = load_config(
+        [],
+        [
+            "dataset.name=folder",
+            f"dataset.root={root}",
+            f"model.name={model_name}",
+            f"model.random_init={str(random_init).lower()}",
+            f"extract.out={out}",
+            f"extract.workers={workers}",
+        ],
+    )
+    start = time.perf_counter()
+    result = run_extraction(config, progress=False)
+    return result.frames_now, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results/extract.json")
+    parser.add_argument("--model", default="fsar-tiny-vit")
+    parser.add_argument("--videos", type=int, default=48)
+    parser.add_argument("--frames", type=int, default=64, help="frames per rendered video")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    random_init = not args.model.startswith("fsar-tiny")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "videos"
+        paths = render(root, args.videos, args.frames, (180, 240))
+        naive_frames, naive_seconds = naive_loop(paths, args.model, 8, random_init)
+        fsar_frames, fsar_seconds = fsar_runner(
+            root, Path(tmp) / "store.zarr", args.model, args.workers, random_init
+        )
+    assert naive_frames == fsar_frames, (naive_frames, fsar_frames)
+    naive_rate, fsar_rate = naive_frames / naive_seconds, fsar_frames / fsar_seconds
+    report = {
+        "benchmark": "extract",
+        "model": args.model,
+        "videos": args.videos,
+        "frames_per_video_rendered": args.frames,
+        "frames_encoded": fsar_frames,
+        "naive_frames_per_s": round(naive_rate, 1),
+        "fsar_frames_per_s": round(fsar_rate, 1),
+        "speedup": round(fsar_rate / naive_rate, 2),
+        "fsar_seconds_include": "store creation, text encoding, worker start-up",
+        "device": "cuda:" + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "cpu_count": os.cpu_count(),
+        "machine": platform.platform(),
+        "torch": torch.__version__,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

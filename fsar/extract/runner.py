@@ -1,0 +1,292 @@
+"""The extraction runner: dataset -> decode workers -> batched encoder -> chunk-aligned store writes.
+
+Resumable by construction: the store's chunk-aligned blocks are fixed up front, each block is
+encoded as one unit (so a block's numbers do not depend on where a run started) and written
+data-first, status-last. Under ``torchrun`` every rank takes a disjoint, deterministic share of
+the pending blocks of the same store.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from fsar.cache import StoreLayout, assign_blocks, create_store, export_hdf5, open_store
+from fsar.config import Config, ConfigError
+from fsar.data.datasets import DatasetIndex, load_dataset
+from fsar.data.frames import parse_frame_policy
+from fsar.data.transforms import Preprocess, parse_views
+from fsar.extract.decode import DecodeDataset, VideoJob, collate_single
+from fsar.extract.distributed import DistContext, barrier, init_distributed
+from fsar.extract.encoders import Encoder, EncoderSpec, build_encoder
+from fsar.extract.prompts import encode_class_names, resolve_templates
+from fsar.extract.recipe import build_recipe
+
+
+@dataclass
+class ExtractResult:
+    store: Path
+    videos: int  # videos in the store
+    done: int
+    failed: int
+    encoded_now: int  # videos encoded by this process in this run
+    frames_now: int  # frames encoded by this process in this run
+    seconds: float
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (video id, reason)
+    rank: int = 0
+
+
+def encoder_spec(config: Config) -> EncoderSpec:
+    m = config.model
+    return EncoderSpec(m.name, m.pretrained, m.weights, m.checkpoint, m.random_init, m.quick_gelu)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def run_extraction(config: Config, progress: bool = True) -> ExtractResult:
+    """Extract (or finish extracting) the store named by ``config.extract.out``."""
+    ex = config.extract
+    if not ex.out:
+        raise ConfigError("extract.out is not set: pass --out STORE (e.g. stores/hmdb51_RN50.zarr)")
+    if not config.dataset.root:
+        raise ConfigError("dataset.root is not set: pass --root DIR (the local copy of the videos)")
+    start_time = time.perf_counter()
+    dist = init_distributed()
+    device = resolve_device(ex.device)
+    if device.type == "cuda" and dist.world_size > 1:
+        device = torch.device("cuda", dist.local_rank)
+
+    dataset = load_dataset(
+        config.dataset.name,
+        Path(config.dataset.root),
+        variant=config.dataset.variant,
+        splits_dir=Path(config.dataset.splits_dir) if config.dataset.splits_dir else None,
+        splits=config.dataset.splits,
+    )
+    policy = parse_frame_policy(
+        ex.frames, seq_len=ex.seq_len, t_cap=ex.t_cap, min_frames=ex.min_frames
+    )
+    views = parse_views(ex.views)
+    templates = resolve_templates(ex.prompts)
+    encoder = build_encoder(encoder_spec(config), device=device, layers=ex.layers)
+    crop = ex.crop or encoder.image_size
+    preprocess = Preprocess(
+        resize=ex.resize or round(crop * 256 / 224), crop=crop, normalize=ex.normalize
+    )
+    layer_dims = probe_layer_dims(encoder, crop)
+    recipe = build_recipe(config, encoder, policy, views, preprocess, templates, layer_dims)
+    layout = StoreLayout(
+        video_ids=tuple(item.video_id for item in dataset.items),
+        class_ids=tuple(item.class_id for item in dataset.items),
+        splits=tuple(item.split for item in dataset.items),
+        class_names=tuple(dataset.class_names),
+        t_cap=policy.t_cap,
+        feature_dim=encoder.embed_dim,
+        views=views,
+        layer_dims=layer_dims,
+        n_prompts=len(templates),
+        chunk_videos=ex.chunk_videos,
+    )
+
+    out = Path(ex.out)
+    work_path = staging_path(out) if ex.backend == "hdf5" else out
+    if ex.backend == "hdf5" and out.exists():
+        raise ConfigError(
+            f"{out} already exists and HDF5 stores are written once: pick a new --out"
+        )
+    if dist.rank == 0:  # one process creates (or checks) the store, the others then open it
+        store = create_store(work_path, layout, recipe, backend="zarr")
+    barrier(dist)
+    if dist.rank != 0:
+        store = create_store(work_path, layout, recipe, backend="zarr")
+
+    if dist.rank == 0 and not store.has_text:
+        text = encode_class_names(encoder.model, encoder.tokenizer, dataset.class_names, templates)
+        store.write_classes(text.mean(dim=1).numpy(), text.numpy())
+
+    pending = store.pending_blocks(retry_failed=ex.retry_failed)
+    my_blocks = assign_blocks(pending, dist.rank, dist.world_size)
+    paths = {item.video_id: item.path for item in dataset.items}
+    status = np.asarray(store.status)
+    block_jobs = [
+        (
+            block,
+            [
+                VideoJob(i, store.video_ids[i], _path_or_none(paths[store.video_ids[i]]))
+                for i in range(block[0], block[1])
+                if status[i] != 1
+            ],
+        )
+        for block in my_blocks
+    ]
+    decode = DecodeDataset(
+        [job for _, jobs in block_jobs for job in jobs],
+        policy,
+        views,
+        preprocess,
+        ex.seed,
+        ex.decode_backend,
+    )
+    encoded, frames_done = encode_blocks(
+        store, encoder, decode, block_jobs, views, ex, progress and dist.rank == 0
+    )
+    barrier(dist)
+
+    final = store
+    if dist.rank == 0 and ex.backend == "hdf5":
+        export_hdf5(store, out)
+        shutil.rmtree(work_path)
+        final = open_store(out)
+    elif dist.rank == 0:
+        final = open_store(out)
+    barrier(dist)
+    status = np.asarray(final.status)
+    errors = final.errors
+    failures = [(final.video_ids[i], errors[i]) for i in np.flatnonzero(status == 2)]
+    return ExtractResult(
+        store=out,
+        videos=len(status),
+        done=int((status == 1).sum()),
+        failed=int((status == 2).sum()),
+        encoded_now=encoded,
+        frames_now=frames_done,
+        seconds=time.perf_counter() - start_time,
+        failures=failures,
+        rank=dist.rank,
+    )
+
+
+def staging_path(out: Path) -> Path:
+    """HDF5 cannot take parallel or crash-safe writes: extract into Zarr beside it, then export."""
+    return out.with_name(out.name + ".staging.zarr")
+
+
+def _path_or_none(path) -> str | None:
+    return None if path is None else str(path)
+
+
+@torch.no_grad()
+def probe_layer_dims(encoder: Encoder, crop: int) -> dict[str, int]:
+    if not encoder.taps.names:
+        return {}
+    probe = torch.zeros(1, 3, crop, crop, device=encoder.device)
+    encoder.model.encode_image(probe)
+    return {name: int(value.shape[-1]) for name, value in encoder.taps.pop().items()}
+
+
+def encode_blocks(store, encoder, decode, block_jobs, views, ex, show: bool) -> tuple[int, int]:
+    """Decode in workers, encode block by block, write each block as soon as it is complete."""
+    loader = DataLoader(
+        decode,
+        batch_size=1,
+        collate_fn=collate_single,
+        num_workers=ex.workers,
+        prefetch_factor=4 if ex.workers else None,
+    )
+    bar = tqdm(total=len(decode), unit="video", disable=not show, desc="extract", smoothing=0.1)
+    started = time.perf_counter()
+    videos = iter(loader)
+    encoded = frames = 0
+    for block, jobs in block_jobs:
+        decoded = [next(videos) for _ in jobs]
+        frames += write_encoded_block(store, encoder, block, decoded, views, ex.batch_frames)
+        encoded += len(decoded)
+        bar.update(len(decoded))
+        elapsed = max(time.perf_counter() - started, 1e-9)
+        bar.set_postfix(videos_s=f"{encoded / elapsed:.1f}", frames_s=f"{frames / elapsed:.0f}")
+    bar.close()
+    return encoded, frames
+
+
+def write_encoded_block(store, encoder, block, videos, views, batch_frames: int) -> int:
+    """Encode all views of the decoded videos of one block and write the block.
+
+    Rows of the block not in ``videos`` (already done) are read back and rewritten unchanged,
+    so a done video is never re-encoded. Returns the number of frames encoded.
+    """
+    start, stop = block
+    already_done = bool((np.asarray(store.status[start:stop]) == 1).any())
+    # A block with no done row may hold a torn write from a killed run: never read it back.
+    rows = store.read_block(start, stop) if already_done else store.empty_block(start, stop)
+    good = [v for v in videos if v.frames is not None]
+    for video in videos:
+        if video.frames is None:
+            row = video.store_index - start
+            rows.status[row], rows.errors[row] = 2, video.error
+            rows.n_frames[row], rows.frame_index[row] = 0, -1
+    if good:
+        pixels = torch.cat([v.frames.flatten(0, 1) for v in good])  # [sum V*n, 3, H, W]
+        embeddings, taps = encode_images(encoder, pixels, batch_frames)
+        offset = 0
+        for video in good:
+            row = video.store_index - start
+            count = video.frames.shape[1]
+            for view in views:
+                rows.features[view][row] = 0
+                rows.features[view][row, :count] = embeddings[offset : offset + count]
+                for name, values in taps.items():
+                    rows.layers[view][name][row] = 0
+                    rows.layers[view][name][row, :count] = values[offset : offset + count]
+                offset += count
+            rows.frame_index[row] = -1
+            rows.frame_index[row, :count] = video.frame_index
+            rows.n_frames[row] = count
+            rows.status[row], rows.errors[row] = 1, ""
+    store.write_block(
+        start,
+        stop,
+        features=rows.features,
+        layers=rows.layers,
+        frame_index=rows.frame_index,
+        n_frames=rows.n_frames,
+        status=rows.status,
+        errors=rows.errors,
+    )
+    return sum(v.frames.shape[0] * v.frames.shape[1] for v in good)
+
+
+@torch.no_grad()
+def encode_images(encoder: Encoder, pixels: torch.Tensor, batch: int):
+    """``encode_image`` in batches; float16 numpy [N, D] plus {layer: [N, D_l]}."""
+    device = encoder.device
+    autocast = (
+        torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
+    )
+    outputs, taps = [], {name: [] for name in encoder.taps.names}
+    for begin in range(0, len(pixels), batch):
+        chunk = pixels[begin : begin + batch].to(device, non_blocking=True)
+        with autocast:
+            outputs.append(encoder.model.encode_image(chunk).float().cpu())
+        if taps:
+            for name, value in encoder.taps.pop().items():
+                taps[name].append(value.float().cpu())
+    embeddings = torch.cat(outputs).numpy().astype(np.float16)
+    return embeddings, {name: torch.cat(v).numpy().astype(np.float16) for name, v in taps.items()}
+
+
+def describe_dataset(dataset: DatasetIndex) -> str:
+    counts = {}
+    for item in dataset.items:
+        counts[item.split] = counts.get(item.split, 0) + 1
+    parts = ", ".join(f"{split} {n}" for split, n in sorted(counts.items()))
+    return f"{dataset.name} ({dataset.variant}): {len(dataset.items)} videos [{parts}], {len(dataset.missing)} missing locally"
+
+
+def world_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+__all__ = ["ExtractResult", "run_extraction", "staging_path", "DistContext"]
