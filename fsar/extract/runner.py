@@ -118,6 +118,8 @@ def run_extraction(config: Config, progress: bool = True) -> ExtractResult:
         store.write_classes(text.mean(dim=1).numpy(), text.numpy())
 
     pending = store.pending_blocks(retry_failed=ex.retry_failed)
+    # Every rank must split the same pending list: no rank writes before all have read it.
+    barrier(dist)
     my_blocks = assign_blocks(pending, dist.rank, dist.world_size)
     paths = {item.video_id: item.path for item in dataset.items}
     status = np.asarray(store.status)
