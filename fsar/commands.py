@@ -79,7 +79,7 @@ def demo(workdir: Path, model: str) -> int:
     videos = workdir / "videos"
     if not (videos / "testlist.txt").is_file():
         info = render_demo_dataset(videos)
-        print(f"rendered the demo dataset into {videos} ({len(info.class_names)} classes)")
+        print(f"rendered the demo dataset into {videos} ({len(info.classes)} classes)")
     store = workdir / f"demo_{model}.zarr"
     config = load_config(
         [],

@@ -1,4 +1,4 @@
-"""End-to-end extraction through the real CLI on rendered videos, checked against direct encoding."""
+"""End-to-end extraction through the real CLI on rendered videos, vs. direct encoding."""
 
 from __future__ import annotations
 

@@ -38,7 +38,7 @@ def _pool(name: str, output: torch.Tensor) -> torch.Tensor:
 
 
 class LayerTaps:
-    """Forward hooks on the requested layers; ``pop()`` returns {name: [B, D_l]} of the last pass."""
+    """Forward hooks on the given layers; ``pop()`` returns {name: [B, D_l]} of the last pass."""
 
     def __init__(self, visual: nn.Module, names: Sequence[str] = ()):
         valid = available_layers(visual)

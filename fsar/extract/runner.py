@@ -1,4 +1,4 @@
-"""The extraction runner: dataset -> decode workers -> batched encoder -> chunk-aligned store writes.
+"""The extraction runner: dataset -> decode workers -> batched encoder -> chunk-aligned writes.
 
 Resumable by construction: the store's chunk-aligned blocks are fixed up front, each block is
 encoded as one unit (so a block's numbers do not depend on where a run started) and written
@@ -8,7 +8,6 @@ the pending blocks of the same store.
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from contextlib import nullcontext
@@ -22,7 +21,7 @@ from tqdm import tqdm
 
 from fsar.cache import StoreLayout, assign_blocks, create_store, export_hdf5, open_store
 from fsar.config import Config, ConfigError
-from fsar.data.datasets import DatasetIndex, load_dataset
+from fsar.data.datasets import load_dataset
 from fsar.data.frames import parse_frame_policy
 from fsar.data.transforms import Preprocess, parse_views
 from fsar.extract.decode import DecodeDataset, VideoJob, collate_single
@@ -277,18 +276,6 @@ def encode_images(encoder: Encoder, pixels: torch.Tensor, batch: int):
                 taps[name].append(value.float().cpu())
     embeddings = torch.cat(outputs).numpy().astype(np.float16)
     return embeddings, {name: torch.cat(v).numpy().astype(np.float16) for name, v in taps.items()}
-
-
-def describe_dataset(dataset: DatasetIndex) -> str:
-    counts = {}
-    for item in dataset.items:
-        counts[item.split] = counts.get(item.split, 0) + 1
-    parts = ", ".join(f"{split} {n}" for split, n in sorted(counts.items()))
-    return f"{dataset.name} ({dataset.variant}): {len(dataset.items)} videos [{parts}], {len(dataset.missing)} missing locally"
-
-
-def world_env() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 __all__ = ["ExtractResult", "run_extraction", "staging_path", "DistContext"]
