@@ -83,3 +83,23 @@ def run_fsar(
             f"fsar {' '.join(args)} failed ({result.returncode}):\n{result.stderr}"
         )
     return result
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    """Two stores hold exactly the same recipe, rows, features, layers and class text."""
+    from fsar.cache import open_store
+
+    left, right = open_store(a), open_store(b)
+    assert left.fingerprint == right.fingerprint
+    assert list(left.video_ids) == list(right.video_ids)
+    assert list(left.errors) == list(right.errors)
+    for name in ("status", "n_frames", "frame_index"):
+        np.testing.assert_array_equal(getattr(left, name), getattr(right, name))
+    assert left.layout.views == right.layout.views
+    for view in left.layout.views:
+        np.testing.assert_array_equal(left.read_features(view), right.read_features(view))
+        for layer in left.layout.layer_dims:
+            np.testing.assert_array_equal(
+                left.read_layer(view, layer), right.read_layer(view, layer)
+            )
+    np.testing.assert_array_equal(left.class_text, right.class_text)

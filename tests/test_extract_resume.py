@@ -15,7 +15,7 @@ import pytest
 
 from fsar.cache import open_store
 
-from .conftest import REPO, run_fsar
+from .conftest import REPO, assert_same_store, run_fsar
 
 # One thread everywhere: the same GEMM blocking in every process, so stores compare bitwise.
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -57,18 +57,6 @@ def reference_store(many_videos, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ref") / "ref.zarr"
     run_fsar(*extract_args(many_videos, out), env=ENV)
     return out
-
-
-def assert_same_store(a: Path, b: Path) -> None:
-    left, right = open_store(a), open_store(b)
-    assert left.fingerprint == right.fingerprint
-    assert list(left.video_ids) == list(right.video_ids)
-    assert list(left.errors) == list(right.errors)
-    for name in ("status", "n_frames", "frame_index"):
-        np.testing.assert_array_equal(getattr(left, name), getattr(right, name))
-    for view in ("center", "crop0"):
-        np.testing.assert_array_equal(left.read_features(view), right.read_features(view))
-    np.testing.assert_array_equal(left.class_text, right.class_text)
 
 
 def done_count(path: Path) -> int:
