@@ -116,6 +116,23 @@ def test_unpadded_frame_numbers_sort_by_value_not_by_text(tmp_path):
     assert np.abs(quadrant_centres(decoded) - expected).max() <= TOLERANCE
 
 
+def test_jpeg_frames_are_the_pixels_pil_decodes_grey_and_corrupt_ones_included(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    colour = rng.integers(0, 256, (3, 40, 56, 3), dtype=np.uint8)
+    for t in range(3):
+        Image.fromarray(colour[t]).save(tmp_path / f"{t:02d}.jpg", quality=80)
+    Image.fromarray(colour[0, ..., 0]).save(tmp_path / "03.jpg")  # single-channel JPEG
+    decoded = open_source(tmp_path).read([0, 1, 2, 3])
+    for t in range(4):
+        with Image.open(tmp_path / f"{t:02d}.jpg") as image:
+            np.testing.assert_array_equal(decoded[t], np.asarray(image.convert("RGB")))
+    (tmp_path / "04.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(DecodeError, match="cannot decode .*04.jpg"):
+        open_source(tmp_path).read([4])
+
+
 def test_a_folder_without_jpegs_is_a_readable_error(tmp_path):
     (tmp_path / "notes.txt").write_text("no frames here")
     with pytest.raises(DecodeError, match="no JPEG frames in folder"):

@@ -1,4 +1,8 @@
-"""Decode-and-transform work done in DataLoader workers: one item = one video, all its views."""
+"""Decode-and-transform work done in DataLoader workers: one item = one store block of videos.
+
+A block travels from a worker to the main process as one tensor, so the per-item cost of
+inter-process transfer is paid once per block rather than once per video.
+"""
 
 from __future__ import annotations
 
@@ -28,6 +32,18 @@ class DecodedVideo:
     frames: torch.Tensor | None  # [V, n, 3, crop, crop] float32, None on failure
     frame_index: np.ndarray  # int32 [n] source frame numbers
     error: str  # "" when decoded
+
+
+@dataclass
+class DecodedBlock:
+    """The decoded videos of one store block.
+
+    ``pixels`` holds the frames of every decoded video, video-major then view then frame:
+    ``[sum over decoded videos of V * n, 3, crop, crop]`` float32. Failed videos have no frames.
+    """
+
+    videos: list[DecodedVideo]  # frames left None; ``frame_index`` gives each video's n
+    pixels: torch.Tensor
 
 
 class DecodeDataset(Dataset):
@@ -74,5 +90,24 @@ class DecodeDataset(Dataset):
         )
 
 
-def collate_single(batch: list[DecodedVideo]) -> DecodedVideo:
+class BlockDataset(Dataset):
+    """One item per store block: decodes the block's jobs and packs their frames."""
+
+    def __init__(self, videos: DecodeDataset, block_sizes: Sequence[int]):
+        self.videos = videos
+        self.starts = np.concatenate([[0], np.cumsum(block_sizes)]).astype(int)
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    def __getitem__(self, position: int) -> DecodedBlock:
+        decoded = [self.videos[i] for i in range(self.starts[position], self.starts[position + 1])]
+        frames = [video.frames.flatten(0, 1) for video in decoded if video.frames is not None]
+        pixels = torch.cat(frames) if frames else torch.zeros(0)
+        for video in decoded:
+            video.frames = None
+        return DecodedBlock(decoded, pixels)
+
+
+def collate_single(batch: list[DecodedBlock]) -> DecodedBlock:
     return batch[0]

@@ -8,9 +8,12 @@ the pending blocks of the same store.
 
 from __future__ import annotations
 
+import os
+import queue
 import shutil
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +27,7 @@ from fsar.config import Config, ConfigError
 from fsar.data.datasets import load_dataset
 from fsar.data.frames import parse_frame_policy
 from fsar.data.transforms import Preprocess, parse_views
-from fsar.extract.decode import DecodeDataset, VideoJob, collate_single
+from fsar.extract.decode import BlockDataset, DecodeDataset, VideoJob, collate_single
 from fsar.extract.distributed import DistContext, barrier, init_distributed
 from fsar.extract.encoders import Encoder, EncoderSpec, build_encoder
 from fsar.extract.prompts import encode_class_names, resolve_templates
@@ -189,74 +192,135 @@ def probe_layer_dims(encoder: Encoder, crop: int) -> dict[str, int]:
 
 
 def encode_blocks(store, encoder, decode, block_jobs, views, ex, show: bool) -> tuple[int, int]:
-    """Decode in workers, encode block by block, write each block as soon as it is complete."""
+    """Decode blocks in workers, encode each block in the main process, write it in a thread.
+
+    Three stages overlap: workers decode later blocks while the main process encodes this one
+    and a writer thread stores the previous one (writes are fsync-bound, not CPU-bound).
+    """
+    blocks = BlockDataset(decode, [len(jobs) for _, jobs in block_jobs])
     loader = DataLoader(
-        decode,
+        blocks,
         batch_size=1,
         collate_fn=collate_single,
         num_workers=ex.workers,
-        prefetch_factor=4 if ex.workers else None,
+        prefetch_factor=2 if ex.workers else None,
     )
     bar = tqdm(total=len(decode), unit="video", disable=not show, desc="extract", smoothing=0.1)
     started = time.perf_counter()
-    videos = iter(loader)
     encoded = frames = 0
-    for block, jobs in block_jobs:
-        decoded = [next(videos) for _ in jobs]
-        frames += write_encoded_block(store, encoder, block, decoded, views, ex.batch_frames)
-        encoded += len(decoded)
-        bar.update(len(decoded))
-        elapsed = max(time.perf_counter() - started, 1e-9)
-        bar.set_postfix(videos_s=f"{encoded / elapsed:.1f}", frames_s=f"{frames / elapsed:.0f}")
+    with cpu_threads_beside_workers(encoder.device, ex.workers), BlockWriter(store) as writer:
+        for (block, _), decoded in zip(block_jobs, loader, strict=True):
+            rows, count = encode_block(store, encoder, block, decoded, views, ex.batch_frames)
+            writer.put(block, rows)
+            frames += count
+            encoded += len(decoded.videos)
+            bar.update(len(decoded.videos))
+            elapsed = max(time.perf_counter() - started, 1e-9)
+            bar.set_postfix(videos_s=f"{encoded / elapsed:.1f}", frames_s=f"{frames / elapsed:.0f}")
     bar.close()
     return encoded, frames
 
 
-def write_encoded_block(store, encoder, block, videos, views, batch_frames: int) -> int:
-    """Encode all views of the decoded videos of one block and write the block.
+@contextmanager
+def cpu_threads_beside_workers(device: torch.device, workers: int):
+    """On CPU, leave the decode workers their cores: idle OpenMP threads of the main process
+    spin and take CPU time from the workers (measured: 394 -> 439 frames/s on 2 cores)."""
+    before = torch.get_num_threads()
+    if device.type == "cpu" and workers > 0:
+        torch.set_num_threads(max(1, min(before, (os.cpu_count() or 1) - workers)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
-    Rows of the block not in ``videos`` (already done) are read back and rewritten unchanged,
-    so a done video is never re-encoded. Returns the number of frames encoded.
+
+class BlockWriter:
+    """Writes finished blocks in order on one background thread (at most two waiting).
+
+    Each block is still written data-first, status-last, so a kill at any moment leaves every
+    block either done or pending, exactly as with synchronous writes. A failed write is raised
+    in the main thread at the next ``put`` or on exit.
+    """
+
+    def __init__(self, store, depth: int = 2):
+        self.store = store
+        self.pending: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="fsar-block-writer", daemon=True)
+
+    def __enter__(self) -> BlockWriter:
+        self.thread.start()
+        return self
+
+    def put(self, block: tuple[int, int], rows) -> None:
+        self._raise_if_failed()
+        self.pending.put((block, rows))
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.pending.put(None)
+        self.thread.join()
+        if exc_type is None:
+            self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise RuntimeError(f"writing a block of {self.store.path} failed") from self.error
+
+    def _run(self) -> None:
+        while (item := self.pending.get()) is not None:
+            if self.error is not None:
+                continue  # drain: the main thread stops at its next put
+            (start, stop), rows = item
+            try:
+                self.store.write_block(
+                    start,
+                    stop,
+                    features=rows.features,
+                    layers=rows.layers,
+                    frame_index=rows.frame_index,
+                    n_frames=rows.n_frames,
+                    status=rows.status,
+                    errors=rows.errors,
+                )
+            except BaseException as error:  # handed to the main thread
+                self.error = error
+
+
+def encode_block(store, encoder, block, decoded, views, batch_frames: int):
+    """Encode all views of the decoded videos of one block into the block's rows.
+
+    Rows of the block not in ``decoded`` (already done) are read back and rewritten unchanged,
+    so a done video is never re-encoded. Returns (rows, number of frames encoded).
     """
     start, stop = block
     already_done = bool((np.asarray(store.status[start:stop]) == 1).any())
     # A block with no done row may hold a torn write from a killed run: never read it back.
     rows = store.read_block(start, stop) if already_done else store.empty_block(start, stop)
-    good = [v for v in videos if v.frames is not None]
-    for video in videos:
-        if video.frames is None:
+    good = [video for video in decoded.videos if not video.error]
+    for video in decoded.videos:
+        if video.error:
             row = video.store_index - start
             rows.status[row], rows.errors[row] = 2, video.error
             rows.n_frames[row], rows.frame_index[row] = 0, -1
-    if good:
-        pixels = torch.cat([v.frames.flatten(0, 1) for v in good])  # [sum V*n, 3, H, W]
-        embeddings, taps = encode_images(encoder, pixels, batch_frames)
-        offset = 0
-        for video in good:
-            row = video.store_index - start
-            count = video.frames.shape[1]
-            for view in views:
-                rows.features[view][row] = 0
-                rows.features[view][row, :count] = embeddings[offset : offset + count]
-                for name, values in taps.items():
-                    rows.layers[view][name][row] = 0
-                    rows.layers[view][name][row, :count] = values[offset : offset + count]
-                offset += count
-            rows.frame_index[row] = -1
-            rows.frame_index[row, :count] = video.frame_index
-            rows.n_frames[row] = count
-            rows.status[row], rows.errors[row] = 1, ""
-    store.write_block(
-        start,
-        stop,
-        features=rows.features,
-        layers=rows.layers,
-        frame_index=rows.frame_index,
-        n_frames=rows.n_frames,
-        status=rows.status,
-        errors=rows.errors,
-    )
-    return sum(v.frames.shape[0] * v.frames.shape[1] for v in good)
+    if not good:
+        return rows, 0
+    embeddings, taps = encode_images(encoder, decoded.pixels, batch_frames)
+    offset = 0
+    for video in good:
+        row = video.store_index - start
+        count = len(video.frame_index)
+        for view in views:
+            rows.features[view][row] = 0
+            rows.features[view][row, :count] = embeddings[offset : offset + count]
+            for name, values in taps.items():
+                rows.layers[view][name][row] = 0
+                rows.layers[view][name][row, :count] = values[offset : offset + count]
+            offset += count
+        rows.frame_index[row] = -1
+        rows.frame_index[row, :count] = video.frame_index
+        rows.n_frames[row] = count
+        rows.status[row], rows.errors[row] = 1, ""
+    return rows, len(decoded.pixels)
 
 
 @torch.no_grad()
