@@ -114,11 +114,130 @@ class ExtractConfig:
     retry_failed: bool = _f(False, "re-attempt videos recorded as failed in an existing store")
 
 
+HEAD_NAMES = ("proto_mean", "otam", "clipfsar", "clipspm")
+
+
+@dataclass
+class HeadConfig:
+    name: Literal["proto_mean", "otam", "clipfsar", "clipspm"] = _f(
+        "clipspm", "few-shot head: proto_mean | otam | clipfsar | clipspm"
+    )
+    heads: int = _f(8, "attention heads of the transformer layers (clipfsar, clipspm)")
+    dim_head: int | None = _f(
+        None, "width of one attention head (default: 256 for clipspm, dim / heads for clipfsar)"
+    )
+    mlp_dim: int = _f(2048, "hidden width of the feed-forward blocks")
+    attn_dropout: float = _f(0.2, "attention dropout (training only)")
+    ffn_dropout: float = _f(0.05, "feed-forward dropout (training only)")
+    prompt_hidden: int = _f(2048, "clipspm: hidden width of the SPM prompt generator")
+    mid_dim_text: float = _f(1.5, "clipspm: text gate width ratio (release MID_DIM_TEXT)")
+    mid_dim_vision: float = _f(0.5, "clipspm: vision gate width ratio (release MID_DIM_VISION)")
+    negative_slope: float = _f(0.0025, "clipspm: LeakyReLU slope of the gates")
+    alpha: float = _f(0.2, "clipspm: text-video fusion weight (release ALPHA)")
+    motion_alpha: float = _f(1.0, "clipspm: HSMR motion-consistency weight inside the head")
+    motion_alpha_learnable: bool = _f(False, "clipspm: learn motion_alpha")
+    hsmr: bool = _f(True, "clipspm: hierarchical synergistic motion refinement (training term)")
+    hsmr_source: str = _f("final", "clipspm: HSMR shallow level: final | layer:<cached layer>")
+    spm: Literal["generated", "none"] = _f("generated", "clipspm: semantic prompt module")
+    padm: bool = _f(True, "clipspm: prototype-anchored dual modulation")
+    consistency_weight: float = _f(0.0, "clipspm: prompt-consistency loss weight")
+    text_distance_weight: float = _f(0.0, "clipspm: text-distance loss weight")
+    merge_before: bool = _f(False, "clipfsar: average supports before the transformer")
+    fusion_beta: float | None = _f(
+        None, "clipfsar: test-time fusion with the text probability (null = off)"
+    )
+    bidirectional: bool = _f(True, "otam: bidirectional OTAM")
+    proto_scale: float = _f(1.0, "proto_mean: temperature multiplying the cosine")
+    aux_weights: dict[str, float] = _f(
+        {},
+        "loss weight per auxiliary term (motion_consistency, consistency, text_distance, "
+        "video_text); default per head: clipspm motion_consistency 0.001, clipfsar video_text 1",
+    )
+
+
+@dataclass
+class ProtocolConfig:
+    """The choices of SPEC 6.1 that move numbers; recorded with every checkpoint and report."""
+
+    preset: str = _f("fsar", "name recorded in reports: fsar | clipspm_release | clipfsar_release")
+    selection_split: Literal["val", "test"] = _f(
+        "val", "split used to pick the best checkpoint (the releases select on test)"
+    )
+    test_frames: Literal["cached", "segment_random"] = _f(
+        "cached",
+        "evaluation frames: the store's deterministic test frames, or one seeded random frame "
+        "per segment (CLIP-FSAR release)",
+    )
+    train_shot: int | None = _f(
+        None, "training shot for a K-shot test (null = K; CLIP-FSAR trains 1-shot for 5-shot)"
+    )
+    train_query: int = _f(4, "training queries per class (CLIP-SPM 4, CLIP-FSAR 5)")
+    train_views: list[str] = _f(
+        ["center"],
+        "cached views sampled at train time (add flip / cropK if cached; no flip on SSv2)",
+    )
+
+
+@dataclass
+class EpisodeConfig:
+    way: int = _f(5, "classes per episode (N)")
+    shot: int = _f(1, "support videos per class at test time (K)")
+    query: int = _f(1, "query videos per class at test time (the releases use 1)")
+
+
+@dataclass
+class TrainConfig:
+    store: str | None = _f(None, "feature store to train on (from fsar extract)")
+    out: str | None = _f(None, "run directory: checkpoints, metrics.jsonl, TensorBoard logs")
+    steps: int = _f(2000, "optimizer steps")
+    tasks_per_batch: int = _f(16, "episodes per optimizer step (gradient accumulation)")
+    episode_batch: int = _f(16, "episodes per forward pass (divides tasks_per_batch)")
+    lr: float = _f(1e-4, "Adam learning rate")
+    weight_decay: float = _f(5e-5, "Adam weight decay")
+    betas: list[float] = _f([0.5, 0.999], "Adam betas (the releases use 0.5, 0.999)")
+    val_every: int = _f(200, "steps between validations (and checkpoints)")
+    val_episodes: int = _f(500, "episodes per validation")
+    log_every: int = _f(10, "steps between metric lines")
+    seed: int = _f(6, "seed of episodes, frame jitter and initialisation (release seed 6)")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N")
+    bf16: bool = _f(True, "bf16 autocast on GPU (ignored on CPU)")
+    resume: bool = _f(True, "continue from out/last.pt when it exists")
+
+
+@dataclass
+class EvalConfig:
+    store: str | None = _f(None, "feature store to evaluate on (default: train.store)")
+    split: Literal["train", "val", "test"] = _f("test", "split to draw evaluation episodes from")
+    episodes: int = _f(10000, "evaluation episodes")
+    episode_batch: int = _f(100, "episodes per forward pass")
+    seed: int = _f(0, "seed of the fixed evaluation episode list")
+    checkpoint: str | None = _f(None, "fsar checkpoint (best.pt / last.pt of a train run)")
+    official: str | None = _f(
+        None, "official CLIP-SPM / CLIP-FSAR checkpoint: its head weights via load_official"
+    )
+    out: str | None = _f(None, "result JSON to write (default: beside the checkpoint)")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N")
+
+
+@dataclass
+class AblateConfig:
+    grid: dict[str, list[Any]] = _f(
+        {}, "dotted key -> values, e.g. {head.hsmr: [true, false], head.padm: [true, false]}"
+    )
+    out: str | None = _f(None, "ablation directory: one run per grid point, table.md, table.csv")
+
+
 @dataclass
 class Config:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    episodes: EpisodeConfig = field(default_factory=EpisodeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ablate: AblateConfig = field(default_factory=AblateConfig)
 
 
 def config_dir() -> Path:
@@ -231,6 +350,11 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -262,9 +386,61 @@ def validate(config: Config) -> None:
     unknown = [s for s in config.dataset.splits if s not in ("train", "val", "test")]
     if unknown:
         raise ConfigError(f"dataset.splits: unknown split(s) {unknown}; valid: train, val, test")
+    validate_experiment(config)
     sources = [k for k in ("pretrained", "weights") if getattr(config.model, k)]
     if len(sources) > 1:
         raise ConfigError("model.pretrained and model.weights are exclusive: pass one of them")
+
+
+def validate_experiment(config: Config) -> None:
+    """Checks of the head, episode and training sections that need no store."""
+    ep, tr, pr = config.episodes, config.train, config.protocol
+    for key, value in (
+        ("episodes.way", ep.way),
+        ("episodes.shot", ep.shot),
+        ("episodes.query", ep.query),
+        ("protocol.train_query", pr.train_query),
+        ("train.steps", tr.steps),
+        ("train.tasks_per_batch", tr.tasks_per_batch),
+        ("train.episode_batch", tr.episode_batch),
+        ("train.val_every", tr.val_every),
+        ("train.val_episodes", tr.val_episodes),
+        ("train.log_every", tr.log_every),
+        ("eval.episodes", config.eval.episodes),
+        ("eval.episode_batch", config.eval.episode_batch),
+    ):
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+    if ep.way < 2:
+        raise ConfigError(
+            f"episodes.way must be >= 2 (a 1-way episode has nothing to tell apart), got {ep.way}"
+        )
+    if pr.train_shot is not None and pr.train_shot < 1:
+        raise ConfigError(f"protocol.train_shot must be >= 1 or null, got {pr.train_shot}")
+    if tr.tasks_per_batch % tr.episode_batch:
+        raise ConfigError(
+            f"train.tasks_per_batch ({tr.tasks_per_batch}) must be a multiple of "
+            f"train.episode_batch ({tr.episode_batch})"
+        )
+    if len(tr.betas) != 2 or not all(0 <= b < 1 for b in tr.betas):
+        raise ConfigError(f"train.betas must be two numbers in [0, 1), got {tr.betas}")
+    if tr.lr <= 0:
+        raise ConfigError(f"train.lr must be > 0, got {tr.lr}")
+    if not pr.train_views:
+        raise ConfigError("protocol.train_views must name at least one cached view (e.g. center)")
+    hs = config.head.hsmr_source
+    if hs != "final" and not (hs.startswith("layer:") and len(hs) > len("layer:")):
+        raise ConfigError(f"head.hsmr_source must be 'final' or 'layer:<name>', got {hs!r}")
+    if config.head.fusion_beta is not None and not 0 <= config.head.fusion_beta <= 1:
+        raise ConfigError(
+            f"head.fusion_beta must be in [0, 1] or null, got {config.head.fusion_beta}"
+        )
+    for key in config.ablate.grid:
+        if key.split(".")[0] not in ("head", "protocol", "train"):
+            raise ConfigError(
+                f"ablate.grid key {key!r}: only head.*, protocol.* and train.* can vary "
+                "(the store and the evaluation episodes stay fixed)"
+            )
 
 
 def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:

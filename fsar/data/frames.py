@@ -139,10 +139,10 @@ def train_frame_positions(
     full = end - start < seq_len
     start = torch.where(full, torch.zeros_like(start), start)
     end = torch.where(full, n - 1, end)
-    return _linspace_trunc(start, end, seq_len)
+    return linspace_trunc(start, end, seq_len)
 
 
-def _linspace_trunc(start: torch.Tensor, end: torch.Tensor, num: int) -> torch.Tensor:
+def linspace_trunc(start: torch.Tensor, end: torch.Tensor, num: int) -> torch.Tensor:
     """Batched `int(np.linspace(start, end, num))` in float64, same arithmetic as numpy.
 
     start, end: long [B]. Returns long [B, num].

@@ -1,0 +1,145 @@
+"""FeatureBank: one split of a store, loaded once into tensors on one device (SPEC 3).
+
+Sampling a batch of episodes from a bank is index arithmetic and one gather; nothing is read
+from disk after loading. Only videos marked done are loaded: failed or pending ones are counted
+in ``skipped`` and never sampled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fsar.cache.store import FeatureStore
+
+
+class BankError(ValueError):
+    """The store cannot provide what was asked (a split, a view, a layer)."""
+
+
+@dataclass
+class FeatureBank:
+    """Cached features of one split.
+
+    features: view -> float16 [V_n, T_cap, D] (float16 halves GPU memory; gathers cast up)
+    layers: view -> layer name -> float16 [V_n, T_cap, D_l]
+    n_frames: long [V_n] valid cached frames per video
+    class_ids: long [V_n] dataset class index of each video
+    class_text: float32 [C, D] text embedding of every dataset class (indexed by class id)
+    """
+
+    split: str
+    video_ids: tuple[str, ...]
+    store_rows: np.ndarray  # int64 [V_n] rows in the store
+    features: dict[str, torch.Tensor]
+    layers: dict[str, dict[str, torch.Tensor]]
+    n_frames: torch.Tensor
+    class_ids: torch.Tensor
+    class_text: torch.Tensor
+    class_names: tuple[str, ...]
+    fingerprint: str
+    skipped: int  # videos of the split not loaded (failed or pending)
+
+    @property
+    def device(self) -> torch.device:
+        return self.n_frames.device
+
+    @property
+    def views(self) -> tuple[str, ...]:
+        return tuple(self.features)
+
+    @property
+    def feature_dim(self) -> int:
+        return int(next(iter(self.features.values())).shape[-1])
+
+    @property
+    def layer_dims(self) -> dict[str, int]:
+        first = next(iter(self.layers.values()), {})
+        return {name: int(value.shape[-1]) for name, value in first.items()}
+
+    def __len__(self) -> int:
+        return len(self.video_ids)
+
+    def videos_per_class(self) -> dict[int, int]:
+        """Class id -> number of loaded videos (classes with none are absent)."""
+        ids, counts = torch.unique(self.class_ids.cpu(), return_counts=True)
+        return {int(i): int(c) for i, c in zip(ids, counts, strict=True)}
+
+    def gather(
+        self, videos: torch.Tensor, positions: torch.Tensor, view: str = "center"
+    ) -> torch.Tensor:
+        """Frames of videos: videos long [...], positions long [..., T] -> float32 [..., T, D]."""
+        return _gather(self.features[view], videos, positions)
+
+    def gather_layer(
+        self, name: str, videos: torch.Tensor, positions: torch.Tensor, view: str = "center"
+    ) -> torch.Tensor:
+        """Like ``gather`` for an intermediate layer cached in the store."""
+        return _gather(self.layers[view][name], videos, positions)
+
+
+def _gather(table: torch.Tensor, videos: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    rows = table[videos.unsqueeze(-1).expand_as(positions), positions]  # [..., T, D]
+    return rows.float()
+
+
+def load_bank(
+    store: FeatureStore,
+    split: str,
+    device: torch.device | str = "cpu",
+    views: Sequence[str] = ("center",),
+    layers: Sequence[str] = (),
+) -> FeatureBank:
+    """Load the done videos of ``split`` with the given views and cached layers."""
+    available = tuple(store.layout.views)
+    missing_views = [view for view in views if view not in available]
+    if missing_views:
+        raise BankError(
+            f"{store.path} has no cached view(s) {missing_views}; cached: {list(available)}. "
+            "Use protocol.train_views with cached views, or extract with --views including them."
+        )
+    missing_layers = [name for name in layers if name not in store.layout.layer_dims]
+    if missing_layers:
+        raise BankError(
+            f"{store.path} has no cached layer(s) {missing_layers}; cached: "
+            f"{list(store.layout.layer_dims)}. Extract with --layers {','.join(missing_layers)}."
+        )
+    in_split = np.flatnonzero(store.splits == split)
+    if in_split.size == 0:
+        present = sorted(set(store.splits.tolist()))
+        raise BankError(
+            f"{store.path} holds no {split!r} videos (splits present: {present}); extract the "
+            f"store with dataset.splits including {split}, or pick another split"
+        )
+    rows = store.split_indices(split, done_only=True)
+    if rows.size == 0:
+        raise BankError(
+            f"none of the {in_split.size} {split!r} videos in {store.path} is extracted: "
+            "finish the extraction (rerun the same fsar extract command) first"
+        )
+    device = torch.device(device)
+
+    def load(values: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(values)).to(device)
+
+    return FeatureBank(
+        split=split,
+        video_ids=tuple(store.video_ids[i] for i in rows),
+        store_rows=rows,
+        features={view: load(store.read_features(view, rows)) for view in views},
+        layers={
+            view: {name: load(store.read_layer(view, name, rows)) for name in layers}
+            for view in views
+        }
+        if layers
+        else {},
+        n_frames=load(store.n_frames[rows].astype(np.int64)),
+        class_ids=load(store.class_ids[rows].astype(np.int64)),
+        class_text=load(store.class_text.astype(np.float32)),
+        class_names=tuple(store.class_names),
+        fingerprint=store.fingerprint,
+        skipped=int(in_split.size - rows.size),
+    )

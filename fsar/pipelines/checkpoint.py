@@ -1,0 +1,79 @@
+"""Head checkpoints: atomic writes, ``weights_only`` reads, and what they record.
+
+A checkpoint holds only tensors and plain Python values (no pickled classes), so it loads with
+``torch.load(weights_only=True)``: the head and optimizer state, the step, every random state
+needed for an exact resume, the full config, the protocol and the training store's recipe.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = "fsar-heads/1"
+# Recipe keys that must agree between the store a head was trained on and one it is evaluated
+# on: the same encoder and the same pixels in (the dataset and split may differ).
+ENCODER_KEYS = ("model", "weights", "quick_gelu", "image_size", "resize", "crop", "normalize")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable or does not fit the store it is used with."""
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` to ``path`` atomically: a reader sees the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            torch.save({"format": FORMAT, **payload}, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # truncated file, foreign pickle with code, ...
+        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is not an fsar head checkpoint (format {FORMAT}); for an official "
+            "CLIP-SPM / CLIP-FSAR checkpoint use eval.official"
+        )
+    return payload
+
+
+def encoder_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
+    return {key: recipe.get(key) for key in ENCODER_KEYS}
+
+
+def check_store_fits(checkpoint: dict[str, Any], recipe: dict[str, Any], store: Path) -> None:
+    """Refuse a store whose encoder or preprocessing differs from the training store's."""
+    trained = checkpoint["store"]["encoder"]
+    here = encoder_recipe(recipe)
+    diff = {k: (trained[k], here[k]) for k in ENCODER_KEYS if trained.get(k) != here.get(k)}
+    if diff:
+        lines = ", ".join(f"{k}: trained {a!r} vs store {b!r}" for k, (a, b) in diff.items())
+        raise CheckpointError(
+            f"{store} was extracted with another encoder or preprocessing than the store this "
+            f"head was trained on ({lines}); evaluate on a store extracted like "
+            f"{checkpoint['store']['path']}"
+        )

@@ -1,0 +1,117 @@
+"""Scoring heads on fixed episode lists: accuracy, 95% interval, confusion, paired comparison.
+
+The interval is the papers' ``1.96 * std / sqrt(episodes)`` over per-episode accuracies (std
+with ddof=0, as numpy's default in the releases).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fsar.cache.bank import FeatureBank
+from fsar.config import HeadConfig
+from fsar.heads import FewShotHead
+from fsar.pipelines.build import episode_tensors
+from fsar.pipelines.episodes import (
+    EpisodeIndex,
+    cached_test_positions,
+    segment_random_positions,
+)
+
+
+@dataclass
+class EvalSetup:
+    """A bank, its fixed episodes and the evaluation frame policy."""
+
+    bank: FeatureBank
+    episodes: EpisodeIndex
+    seq_len: int
+    test_frames: str  # "cached" | "segment_random"
+    seed: int
+
+    def positions(self) -> torch.Tensor:
+        """long [V_bank, T]; seeded, so every head sees the same frames."""
+        if self.test_frames == "segment_random":
+            generator = torch.Generator().manual_seed(self.seed + 1)
+            return segment_random_positions(self.bank.n_frames, self.seq_len, generator)
+        return cached_test_positions(self.bank.n_frames, self.seq_len)
+
+
+@dataclass
+class EvalOutcome:
+    per_episode: np.ndarray  # float64 [E] accuracy of each episode in [0, 1]
+    confusion: np.ndarray  # int64 [C, C] true dataset class x predicted dataset class
+
+    @property
+    def accuracy(self) -> float:
+        """Mean accuracy in percent."""
+        return float(100.0 * self.per_episode.mean())
+
+    @property
+    def std(self) -> float:
+        return float(100.0 * self.per_episode.std())
+
+    @property
+    def ci95(self) -> float:
+        """Half-width of the 95% interval, in percent points."""
+        return interval(self.per_episode)
+
+
+def interval(values: np.ndarray) -> float:
+    """``1.96 * std / sqrt(n)`` in percent points for values in [0, 1]."""
+    return float(100.0 * 1.96 * values.std() / np.sqrt(len(values)))
+
+
+@torch.no_grad()
+def evaluate_episodes(
+    head: FewShotHead, setup: EvalSetup, head_config: HeadConfig, episode_batch: int
+) -> EvalOutcome:
+    """Run ``head`` (in eval mode) on every episode of ``setup``."""
+    was_training = head.training
+    head.eval()
+    bank = setup.bank
+    positions = setup.positions()
+    n_classes = len(bank.class_text)
+    confusion = torch.zeros(n_classes * n_classes, dtype=torch.long)
+    accuracies = []
+    for start in range(0, len(setup.episodes), episode_batch):
+        episodes = setup.episodes.slice(start, start + episode_batch)
+        batch = episode_tensors(bank, episodes, positions, None, head_config, training=False)
+        logits = head(batch.support, batch.support_labels, batch.query, batch.class_text).logits
+        predicted = logits.argmax(-1)  # [B, Q]
+        accuracies.append((predicted == batch.query_labels).double().mean(1).cpu())
+        classes = episodes.classes  # [B, N] dataset ids, CPU
+        true_ids = torch.gather(classes, 1, episodes.query_labels)
+        predicted_ids = torch.gather(classes, 1, predicted.cpu())
+        confusion += torch.bincount(
+            (true_ids * n_classes + predicted_ids).flatten(), minlength=n_classes * n_classes
+        )
+    head.train(was_training)
+    return EvalOutcome(torch.cat(accuracies).numpy(), confusion.view(n_classes, n_classes).numpy())
+
+
+@dataclass
+class Comparison:
+    """Paired difference A - B on identical episodes, in percent points."""
+
+    difference: float
+    ci95: float
+    a: float
+    b: float
+    episodes: int
+
+
+def compare(a: EvalOutcome, b: EvalOutcome) -> Comparison:
+    if len(a.per_episode) != len(b.per_episode):
+        raise ValueError("a paired comparison needs both heads scored on the same episodes")
+    delta = a.per_episode - b.per_episode
+    return Comparison(
+        difference=float(100.0 * delta.mean()),
+        ci95=interval(delta),
+        a=a.accuracy,
+        b=b.accuracy,
+        episodes=len(delta),
+    )

@@ -1,0 +1,336 @@
+"""``fsar train``: episodic training of a head on a feature store (SPEC 6).
+
+One optimizer step = ``tasks_per_batch`` episodes, run ``episode_batch`` at a time (true
+batching) with gradient accumulation in between. Validation runs every ``val_every`` steps on a
+fixed episode list of ``protocol.selection_split``; ``last.pt`` is written then and ``best.pt``
+when the validation accuracy improves. Every random state lives in the checkpoint, so a run
+killed at any moment and restarted with the same command ends with the same weights as an
+uninterrupted one (bitwise on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from fsar.cache import open_store
+from fsar.cache.bank import FeatureBank, load_bank
+from fsar.config import Config, ConfigError, to_dict
+from fsar.heads import FewShotHead, episode_loss
+from fsar.pipelines.build import aux_weights, build_head, episode_tensors, hsmr_layer
+from fsar.pipelines.checkpoint import encoder_recipe, load_checkpoint, save_checkpoint
+from fsar.pipelines.episodes import (
+    EpisodeSampler,
+    EpisodeShape,
+    fixed_episodes,
+    train_positions,
+)
+from fsar.pipelines.evaluate import EvalSetup, evaluate_episodes
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is left untouched."""
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps: int
+    best_step: int
+    best_accuracy: float  # selection-split accuracy (%) of best.pt
+    history: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from: int = 0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def train_shape(config: Config) -> EpisodeShape:
+    ep, pr = config.episodes, config.protocol
+    return EpisodeShape(ep.way, pr.train_shot or ep.shot, pr.train_query)
+
+
+def train_heads(config: Config, progress: bool = True) -> TrainResult:
+    """Train (or resume training) ``config.head`` on ``config.train.store``."""
+    tr = config.train
+    if not tr.store:
+        raise ConfigError("train.store is not set: pass --store STORE (from fsar extract)")
+    if not tr.out:
+        raise ConfigError("train.out is not set: pass --out RUN_DIR")
+    out = Path(tr.out)
+    device = resolve_device(tr.device)
+    store = open_store(Path(tr.store))
+    seq_len = int(store.recipe["seq_len"])
+    layers = [hsmr_layer(config.head)] if hsmr_layer(config.head) else []
+    train_bank = load_bank(store, "train", device, config.protocol.train_views, layers)
+    select_bank = load_bank(store, config.protocol.selection_split, device, ["center"], layers)
+    sampler = EpisodeSampler(
+        train_bank, train_shape(config), "protocol.train_shot/train_query and episodes."
+    )
+    select = EvalSetup(
+        select_bank,
+        fixed_episodes(
+            select_bank,
+            EpisodeShape(config.episodes.way, config.episodes.shot, config.episodes.query),
+            tr.val_episodes,
+            config.eval.seed,
+        ),
+        seq_len,
+        config.protocol.test_frames,
+        config.eval.seed,
+    )
+    torch.manual_seed(tr.seed)
+    head = build_head(config.head, train_bank.feature_dim, train_bank.layer_dims).to(device)
+    params = [p for p in head.parameters() if p.requires_grad]
+    optimizer = (
+        torch.optim.Adam(params, lr=tr.lr, betas=tuple(tr.betas), weight_decay=tr.weight_decay)
+        if params
+        else None
+    )
+    generator = torch.Generator().manual_seed(tr.seed)
+    state = RunState()
+    record = run_record(config, store, train_bank, select)
+    last = out / "last.pt"
+    if tr.resume and last.exists():
+        state = resume(last, head, optimizer, generator, record, device)
+        MetricLogger.drop_after(out, state.step)  # lines a killed run wrote past its checkpoint
+    elif out.exists() and any(out.glob("*.pt")) and not tr.resume:
+        raise ConfigError(
+            f"{out} already holds checkpoints: pick a new --out or set train.resume=true"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(record, indent=2) + "\n")
+    steps = tr.steps if optimizer is not None else 0
+    logger = MetricLogger(out, enabled=True)
+    train_classes = torch.unique(train_bank.class_ids)
+    bar = tqdm(
+        total=steps,
+        initial=state.step,
+        unit="step",
+        desc=f"train {config.head.name}",
+        disable=not progress,
+    )
+    started, episodes_done = time.perf_counter(), 0
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cuda" and tr.bf16
+        else nullcontext()
+    )
+    micro_batches = tr.tasks_per_batch // tr.episode_batch
+    while state.step < steps:
+        head.train()
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum, correct, total = 0.0, 0, 0
+        for _ in range(micro_batches):
+            episodes = sampler.sample(tr.episode_batch, generator)
+            positions = train_positions(train_bank.n_frames, seq_len, generator)
+            views = torch.randint(len(train_bank.views), (len(train_bank),), generator=generator)
+            batch = episode_tensors(
+                train_bank, episodes, positions, views.to(device), config.head, True, train_classes
+            )
+            with autocast:
+                output = head(
+                    batch.support,
+                    batch.support_labels,
+                    batch.query,
+                    batch.class_text,
+                    query_labels=batch.query_labels,
+                    **batch.extras,
+                )
+            weights = aux_weights(config.head, set(output.aux))
+            loss = episode_loss(output, batch.query_labels, weights)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"loss is {loss.item()} at step {state.step + 1}; stopped. {last} still "
+                    "holds the last good state (lower train.lr or check the store with "
+                    "fsar cache verify)"
+                )
+            (loss * tr.episode_batch / tr.tasks_per_batch).backward()
+            loss_sum += loss.item() * tr.episode_batch
+            correct += int((output.logits.argmax(-1) == batch.query_labels).sum())
+            total += batch.query_labels.numel()
+        optimizer.step()
+        state.step += 1
+        episodes_done += tr.tasks_per_batch
+        rate = episodes_done / max(time.perf_counter() - started, 1e-9)
+        metrics = {
+            "step": state.step,
+            "loss": loss_sum / tr.tasks_per_batch,
+            "train_accuracy": 100.0 * correct / total,
+            "episodes_per_s": rate,
+        }
+        bar.update(1)
+        bar.set_postfix(
+            loss=f"{metrics['loss']:.3f}", acc=f"{metrics['train_accuracy']:.1f}", eps=f"{rate:.1f}"
+        )
+        if state.step % tr.log_every == 0:
+            logger.log("train", metrics)
+        if state.step % tr.val_every == 0 or state.step == steps:
+            validate_and_save(
+                head, optimizer, generator, select, state, record, out, logger, config
+            )
+    bar.close()
+    if steps == 0 and not (out / "best.pt").exists():  # nothing to train: score it once
+        validate_and_save(head, optimizer, generator, select, state, record, out, logger, config)
+    logger.close()
+    return TrainResult(
+        out, state.step, state.best_step, state.best_accuracy, state.history, state.resumed_from
+    )
+
+
+@dataclass
+class RunState:
+    step: int = 0
+    best_step: int = -1
+    best_accuracy: float = -math.inf
+    history: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from: int = 0
+
+
+def validate_and_save(
+    head, optimizer, generator, select, state, record, out, logger, config
+) -> None:
+    result = evaluate_episodes(head, select, config.head, config.eval.episode_batch)
+    entry = {
+        "step": state.step,
+        "split": config.protocol.selection_split,
+        "accuracy": result.accuracy,
+        "ci95": result.ci95,
+    }
+    state.history.append(entry)
+    logger.log("val", entry)
+    improved = result.accuracy > state.best_accuracy
+    if improved:
+        state.best_step, state.best_accuracy = state.step, result.accuracy
+    payload = checkpoint_payload(head, optimizer, generator, state, record)
+    save_checkpoint(out / "last.pt", payload)
+    if improved:
+        save_checkpoint(out / "best.pt", payload)
+
+
+def checkpoint_payload(head, optimizer, generator, state: RunState, record) -> dict[str, Any]:
+    rng = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return {
+        "head": head.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else {},
+        "step": state.step,
+        "best_step": state.best_step,
+        "best_accuracy": state.best_accuracy,
+        "history": list(state.history),
+        "rng": rng,
+        **record,
+    }
+
+
+def run_record(config: Config, store, train_bank: FeatureBank, select) -> dict[str, Any]:
+    """What a checkpoint and a report must say about where the numbers came from."""
+    recipe = store.recipe
+    return {
+        "config": to_dict(config),
+        "protocol": to_dict(config.protocol),
+        "head_name": config.head.name,
+        "feature_dim": train_bank.feature_dim,
+        "layer_dims": train_bank.layer_dims,
+        "store": {
+            "path": str(store.path),
+            "fingerprint": store.fingerprint,
+            "dataset": recipe.get("dataset"),
+            "variant": config.dataset.variant,
+            "encoder": encoder_recipe(recipe),
+            "frames": recipe.get("frames"),
+            "seq_len": recipe.get("seq_len"),
+            "train_videos": len(train_bank),
+            "train_videos_skipped": train_bank.skipped,
+        },
+        "selection": {
+            "split": config.protocol.selection_split,
+            "episodes": len(select.episodes),
+            "episodes_sha256": select.episodes.digest(),
+        },
+    }
+
+
+def resume(last: Path, head: FewShotHead, optimizer, generator, record, device) -> RunState:
+    payload = load_checkpoint(last)
+    if payload["store"]["fingerprint"] != record["store"]["fingerprint"]:
+        raise ConfigError(
+            f"{last} was trained on another store ({payload['store']['path']}, fingerprint "
+            f"{payload['store']['fingerprint'][:12]}); pick a new --out or train.resume=false"
+        )
+    if (
+        payload["config"]["head"] != record["config"]["head"]
+        or payload["config"]["train"] != record["config"]["train"]
+    ):
+        raise ConfigError(
+            f"{last} was written with other head or train settings; resuming would mix two "
+            "runs: pick a new --out"
+        )
+    head.load_state_dict(payload["head"])
+    if optimizer is not None:
+        optimizer.load_state_dict(payload["optimizer"])
+    generator.set_state(payload["rng"]["generator"])
+    torch.set_rng_state(payload["rng"]["torch"])
+    if "cuda" in payload["rng"] and device.type == "cuda":
+        torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
+    return RunState(
+        step=payload["step"],
+        best_step=payload["best_step"],
+        best_accuracy=payload["best_accuracy"],
+        history=list(payload["history"]),
+        resumed_from=payload["step"],
+    )
+
+
+class MetricLogger:
+    """metrics.jsonl (one JSON object per line) and TensorBoard scalars in the run directory."""
+
+    def __init__(self, out: Path, enabled: bool = True):
+        self.path = out / "metrics.jsonl"
+        self.writer = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(out / "tensorboard"))
+            except ImportError:  # tensorboard is optional at run time
+                self.writer = None
+
+    @staticmethod
+    def drop_after(out: Path, step: int) -> None:
+        path = out / "metrics.jsonl"
+        if path.exists():
+            lines = [line for line in path.read_text().splitlines() if line.strip()]
+            kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def log(self, kind: str, metrics: dict[str, Any]) -> None:
+        with self.path.open("a") as file:
+            file.write(json.dumps({"kind": kind, **metrics}) + "\n")
+        if self.writer is not None:
+            for key, value in metrics.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"{kind}/{key}", value, metrics["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):  # a line torn by a kill
+        return None
