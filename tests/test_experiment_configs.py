@@ -1,0 +1,179 @@
+"""Shipped experiment files and protocol presets: they load as the CLI composes them and carry
+the CLIP-SPM release's numbers (read here from the reference YAML, independently of the
+generator), and the generator reproduces the committed files."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fsar.config import Config, load_config, to_dict
+
+from .conftest import REPO
+
+CONFIGS = REPO / "configs"
+METHODS = ("clipspm", "clipfsar")
+DATASETS = ("kinetics", "ssv2_full", "ssv2_small", "ucf101", "hmdb51")
+BACKBONES = ("RN50", "ViT-B-16")
+SHOTS = (1, 3, 5)
+COMBOS = list(itertools.product(METHODS, DATASETS, BACKBONES, SHOTS))
+RELEASE_KEY = {
+    "hmdb51": "hmdb",
+    "ucf101": "ucf",
+    "kinetics": "k100",
+    "ssv2_small": "ssv2_cmn",
+    "ssv2_full": "ssv2_otam",
+}
+PRESET_OF = {"clipspm": "clipspm_release", "clipfsar": "clipfsar_release"}
+
+
+@pytest.fixture(scope="module")
+def reference(shared) -> dict:
+    return yaml.safe_load((shared / "reference" / "clipspm_release.yaml").read_text())
+
+
+def experiment_file(method: str, dataset: str, backbone: str, shot: int) -> Path:
+    return CONFIGS / "experiments" / method / f"{dataset}_{backbone}_{shot}shot.yaml"
+
+
+def compose(dataset: str, backbone: str, *extra: Path) -> Config:
+    """As `fsar ... --dataset D --model M --config X ...` composes: dataset, model, then files."""
+    files = [CONFIGS / "datasets" / f"{dataset}.yaml", CONFIGS / "models" / f"{backbone}.yaml"]
+    return load_config([*files, *extra])
+
+
+def test_all_sixty_experiment_files_exist_and_no_others():
+    expected = {experiment_file(*combo) for combo in COMBOS}
+    assert len(expected) == 60
+    assert all(path.is_file() for path in expected)
+    assert set((CONFIGS / "experiments").glob("*/*.yaml")) == expected
+
+
+@pytest.mark.parametrize("method, dataset, backbone, shot", COMBOS)
+def test_experiment_composes_with_its_preset_and_carries_the_release_values(
+    reference, method, dataset, backbone, shot
+):
+    preset = CONFIGS / "presets" / f"{PRESET_OF[method]}.yaml"
+    path = experiment_file(method, dataset, backbone, shot)
+    config = compose(dataset, backbone, preset, path)
+    release = reference["datasets"][RELEASE_KEY[dataset]]
+    per_step = reference["base_defaults"]["tasks_per_batch"]
+    shipped = yaml.safe_load((CONFIGS / "datasets" / f"{dataset}.yaml").read_text())
+
+    assert path.read_text().startswith(f"# {'CLIP-SPM' if method == 'clipspm' else 'CLIP-FSAR'}")
+    assert f"fsar train --dataset {dataset} --model {backbone}" in path.read_text()
+    assert config.dataset.name == dataset
+    assert config.dataset.variant == shipped["dataset"]["variant"]
+    assert (config.model.name, config.model.pretrained) == (backbone, "openai")
+    assert config.head.name == method
+    assert config.protocol.preset == PRESET_OF[method]
+
+    assert (config.episodes.way, config.episodes.shot) == (release["train"]["way"], shot)
+    assert config.episodes.query == release["test"]["query_per_class"] == 1
+    assert config.train.lr == float(release["solver"]["LR"])
+    assert config.train.weight_decay == float(release["solver"]["WEIGHT_DECAY"])
+    assert config.train.tasks_per_batch == per_step == 16
+    assert config.train.seed == release["seed"] == 6
+    assert config.train.steps == release["train"]["episodes"] // per_step
+    assert config.train.val_every == release["train"]["val_every"] // per_step
+    assert config.eval.episodes == release["test"]["episodes"]
+
+    head_defaults = Config().head
+    for field in ("mid_dim_vision", "mid_dim_text", "negative_slope", "alpha", "motion_alpha"):
+        if method == "clipspm":
+            value = reference["head_hyperparameters_by_dataset"][RELEASE_KEY[dataset]][field]
+            assert getattr(config.head, field) == value, field
+        else:  # the reference says nothing about CLIP-FSAR's head: schema defaults
+            assert getattr(config.head, field) == getattr(head_defaults, field), field
+    if method == "clipspm":
+        assert config.protocol.train_query == release["train"]["query_per_class"] == 4
+    else:
+        assert config.protocol.train_query == 5
+        assert config.protocol.train_shot == 1 and config.head.merge_before is True
+
+    # training views must be cached by the dataset's store; SSv2 is never flipped
+    assert set(config.protocol.train_views) <= set(config.extract.views)
+    if dataset.startswith("ssv2"):
+        assert config.protocol.train_views == ["center"]
+    elif method == "clipspm":
+        assert config.protocol.train_views == ["center", "flip"]
+
+
+@pytest.mark.parametrize("method, dataset, backbone, shot", COMBOS[::7])
+def test_experiment_loads_without_a_preset(method, dataset, backbone, shot):
+    config = compose(dataset, backbone, experiment_file(method, dataset, backbone, shot))
+    assert config.protocol.preset == "fsar"
+    assert config.episodes.shot == shot and config.head.name == method
+
+
+def test_release_presets_state_the_spec_protocol():
+    spm = compose("hmdb51", "RN50", CONFIGS / "presets" / "clipspm_release.yaml")
+    assert spm.protocol.preset == "clipspm_release"
+    assert spm.protocol.selection_split == "test"
+    assert spm.protocol.test_frames == "cached"
+    assert spm.protocol.train_shot is None
+    assert spm.protocol.train_query == 4
+    assert spm.protocol.train_views == ["center", "flip"]
+    assert (spm.extract.normalize, spm.extract.prompts) == (False, "clipspm16")
+
+    fsar = compose("hmdb51", "RN50", CONFIGS / "presets" / "clipfsar_release.yaml")
+    assert fsar.protocol.preset == "clipfsar_release"
+    assert fsar.protocol.selection_split == "test"
+    assert fsar.protocol.test_frames == "segment_random"
+    assert fsar.protocol.train_shot == 1
+    assert fsar.protocol.train_query == 5
+    assert fsar.head.merge_before is True
+    assert (fsar.extract.normalize, fsar.extract.prompts) == (True, "single")
+
+
+def leaves(tree: dict, prefix: str = "") -> dict[str, object]:
+    """Nested mapping -> {dotted key: value}."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_fsar_preset_is_the_schema_defaults_and_covers_every_release_preset_key():
+    presets = {
+        name: leaves(yaml.safe_load((CONFIGS / "presets" / f"{name}.yaml").read_text()))
+        for name in ("fsar", "clipspm_release", "clipfsar_release")
+    }
+    defaults = leaves(to_dict(load_config([])))
+    for key, value in presets["fsar"].items():
+        assert defaults[key] == value, key
+    assert set(presets["clipspm_release"]) <= set(presets["fsar"])
+    assert set(presets["clipfsar_release"]) <= set(presets["fsar"])
+    # composing fsar.yaml after a release preset restores every default it changed
+    undone = load_config(
+        [CONFIGS / "presets" / "clipfsar_release.yaml", CONFIGS / "presets" / "fsar.yaml"]
+    )
+    assert to_dict(undone) == to_dict(load_config([]))
+
+
+def test_generator_reproduces_the_committed_files_byte_for_byte(shared, tmp_path):
+    reference = shared / "reference" / "clipspm_release.yaml"
+    subprocess.run(
+        [
+            sys.executable,
+            str(CONFIGS / "make_experiments.py"),
+            str(reference),
+            "--out",
+            str(tmp_path),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    generated = sorted(p.relative_to(tmp_path) for p in tmp_path.glob("*/*.yaml"))
+    assert len(generated) == 60
+    for relative in generated:
+        committed = CONFIGS / "experiments" / relative
+        assert (tmp_path / relative).read_bytes() == committed.read_bytes(), relative
