@@ -9,7 +9,7 @@ import torch
 from fsar.data.frames import (
     FramePolicy,
     ShortVideoError,
-    _linspace_trunc,
+    linspace_trunc,
     parse_frame_policy,
     select_frames,
     train_frame_positions,
@@ -112,12 +112,12 @@ def test_a_real_short_video_fails_the_reference_policy_but_not_uniform(tmp_path)
     assert select_frames(parse_frame_policy("uniform:8"), n) == [0, 1, 2, 3, 4]
 
 
-def test_batched_linspace_truncates_exactly_like_numpy():
+def test_batchedlinspace_truncates_exactly_like_numpy():
     rng = np.random.default_rng(0)
     starts = rng.integers(0, 50, 2000)
     ends = starts + rng.integers(0, 300, 2000)
     for num in (1, 2, 7, 8, 16):
-        got = _linspace_trunc(torch.from_numpy(starts), torch.from_numpy(ends), num)
+        got = linspace_trunc(torch.from_numpy(starts), torch.from_numpy(ends), num)
         want = np.stack(
             [np.linspace(s, e, num).astype(np.int64) for s, e in zip(starts, ends, strict=True)]
         )

@@ -9,6 +9,7 @@ device. There is no per-episode Python on the hot path: a batch of B episodes is
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -67,15 +68,26 @@ class EpisodeIndex:
 class EpisodeSampler:
     """Draws episodes of one shape from one bank (checked once, when built)."""
 
-    def __init__(self, bank: FeatureBank, shape: EpisodeShape, keys: str = "episodes"):
-        """``keys`` names the config keys that set ``shape``, for the error messages."""
+    def __init__(
+        self,
+        bank: FeatureBank,
+        shape: EpisodeShape,
+        keys: tuple[str, str, str] = ("episodes.way", "episodes.shot", "episodes.query"),
+        classes: Sequence[int] | None = None,
+    ):
+        """``keys`` names the config keys that set way, shot and query, for error messages;
+        ``classes`` restricts the episodes to these dataset class ids."""
         self.shape = shape
         class_ids = bank.class_ids.cpu()
+        rows = torch.arange(len(class_ids))
+        if classes is not None:
+            keep = torch.isin(class_ids, torch.as_tensor(list(classes), dtype=torch.long))
+            class_ids, rows = class_ids[keep], rows[keep]
         classes, counts = torch.unique(class_ids, return_counts=True)
         if shape.way > len(classes):
             raise EpisodeSpecError(
                 f"{shape.way}-way episodes need {shape.way} classes but the {bank.split!r} split "
-                f"has {len(classes)} with extracted videos: lower {keys} way to at most "
+                f"has {len(classes)} with extracted videos: lower {keys[0]} to at most "
                 f"{len(classes)}"
             )
         need = shape.shot + shape.query
@@ -85,17 +97,18 @@ class EpisodeSampler:
             raise EpisodeSpecError(
                 f"shot + query = {shape.shot} + {shape.query} = {need} videos per class, but "
                 f"class {name!r} of the {bank.split!r} split has only {int(counts[smallest])} "
-                f"extracted videos: lower {keys} shot/query so that shot + query <= "
+                f"extracted videos: lower {keys[1]} or {keys[2]} so that shot + query <= "
                 f"{int(counts.min())}"
             )
         # table[c, m] = bank row of the m-th video of class c; padded with -1
         self.classes = classes  # [C] dataset class ids
         self.counts = counts  # [C]
-        order = torch.argsort(class_ids, stable=True)
+        order = rows[torch.argsort(class_ids, stable=True)]
         width = int(counts.max())
         offsets = torch.cumsum(counts, 0) - counts
         self.table = torch.full((len(classes), width), -1, dtype=torch.long)
         position = torch.arange(len(class_ids)) - torch.repeat_interleave(offsets, counts)
+        # position indexes the class-sorted order, so fill the table in that order
         self.table[torch.repeat_interleave(torch.arange(len(classes)), counts), position] = order
 
     def sample(self, count: int, generator: torch.Generator) -> EpisodeIndex:
