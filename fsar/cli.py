@@ -29,6 +29,49 @@ EXTRACT_FLAGS = {
 }
 
 
+TRAIN_FLAGS = {
+    "dataset": "dataset.name",
+    "model": "model.name",
+    "store": "train.store",
+    "out": "train.out",
+    "head": "head.name",
+    "way": "episodes.way",
+    "shot": "episodes.shot",
+    "steps": "train.steps",
+    "device": "train.device",
+}
+EVAL_FLAGS = {
+    "dataset": "dataset.name",
+    "model": "model.name",
+    "store": "eval.store",
+    "checkpoint": "eval.checkpoint",
+    "official": "eval.official",
+    "head": "head.name",
+    "split": "eval.split",
+    "episodes": "eval.episodes",
+    "way": "episodes.way",
+    "shot": "episodes.shot",
+    "out": "eval.out",
+    "device": "eval.device",
+}
+ABLATE_FLAGS = {
+    "dataset": "dataset.name",
+    "model": "model.name",
+    "store": "train.store",
+    "out": "ablate.out",
+    "head": "head.name",
+    "shot": "episodes.shot",
+    "steps": "train.steps",
+    "device": "train.device",
+}
+COMMAND_FLAGS = {
+    "extract": EXTRACT_FLAGS,
+    "train": TRAIN_FLAGS,
+    "eval": EVAL_FLAGS,
+    "ablate": ABLATE_FLAGS,
+}
+
+
 def _config_help() -> str:
     return "\n".join(f"  {key:<24} {default:<18} {text}" for key, default, text in describe())
 
@@ -84,13 +127,73 @@ def build_parser() -> argparse.ArgumentParser:
     check = cache_sub.add_parser("verify", help="consistency checks of a store's contents")
     check.add_argument("store")
 
-    demo = sub.add_parser("demo", help="render the synthetic dataset and run the pipeline on it")
+    train = sub.add_parser(
+        "train",
+        help="train a few-shot head episodically on a feature store",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (set any with key=value):\n" + _config_help(),
+    )
+    _add_experiment_args(train)
+    train.add_argument("--store", help="feature store (from fsar extract)")
+    train.add_argument("--out", help="run directory (checkpoints, metrics, TensorBoard)")
+    train.add_argument("--steps", type=int, help="optimizer steps")
+    _add_config_args(train)
+
+    ev = sub.add_parser(
+        "eval",
+        help="score a head on fixed episodes: accuracy, 95%% interval, confusion",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (set any with key=value):\n" + _config_help(),
+    )
+    _add_experiment_args(ev)
+    ev.add_argument("--store", help="feature store (default: the checkpoint's training store)")
+    source = ev.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", help="best.pt / last.pt of fsar train")
+    source.add_argument("--official", help="official CLIP-SPM / CLIP-FSAR checkpoint")
+    source.add_argument(
+        "--compare", nargs=2, metavar=("A", "B"), help="two checkpoints: paired difference A - B"
+    )
+    ev.add_argument("--split", choices=["train", "val", "test"])
+    ev.add_argument("--episodes", type=int, help="evaluation episodes (default 10000)")
+    ev.add_argument("--out", help="result JSON (default: beside the checkpoint)")
+    _add_config_args(ev)
+
+    ablate = sub.add_parser("ablate", help="train and evaluate a grid of head settings")
+    _add_experiment_args(ablate)
+    ablate.add_argument("--store", help="feature store (from fsar extract)")
+    ablate.add_argument("--out", help="ablation directory")
+    ablate.add_argument("--steps", type=int, help="optimizer steps per grid point")
+    ablate.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="one grid axis (repeatable), e.g. --grid head.hsmr=true,false",
+    )
+    _add_config_args(ablate)
+
+    report = sub.add_parser("report", help="tables in the papers' layout and plots from results")
+    report.add_argument("paths", nargs="+", help="result JSON files or folders holding them")
+    report.add_argument("--out", required=True, help="report folder")
+    report.add_argument("--runs", nargs="*", default=[], help="run folders for learning curves")
+
+    demo = sub.add_parser("demo", help="render the synthetic dataset and run the whole pipeline")
     demo.add_argument("--workdir", default="outputs/demo")
     demo.add_argument("--model", default="fsar-tiny-vit")
+    demo.add_argument("--steps", type=int, default=None, help="training steps per head")
 
     show = sub.add_parser("config", help="print every config key with its default and meaning")
     _add_config_args(show)
     return parser
+
+
+def _add_experiment_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", help="compose configs/datasets/NAME.yaml")
+    parser.add_argument("--model", help="compose configs/models/NAME.yaml")
+    parser.add_argument("--head", choices=["proto_mean", "otam", "clipfsar", "clipspm"])
+    parser.add_argument("--way", type=int, help="classes per episode")
+    parser.add_argument("--shot", type=int, help="support videos per class (K)")
+    parser.add_argument("--device", help="auto | cpu | cuda")
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -105,19 +208,30 @@ def config_from_args(args: argparse.Namespace):
         if name and (config_dir() / section / f"{name}.yaml").is_file():
             files.append(config_dir() / section / f"{name}.yaml")
     files += args.config
+    flags = COMMAND_FLAGS[args.command]
     overrides = [
         f"{key}={getattr(args, flag)}"
-        for flag, key in EXTRACT_FLAGS.items()
+        for flag, key in flags.items()
         if getattr(args, flag, None) is not None
     ]
+    if getattr(args, "grid", None):
+        overrides += [_grid_override(item) for item in args.grid]
     return load_config(files, overrides + list(args.overrides))
+
+
+def _grid_override(item: str) -> str:
+    """``head.hsmr=true,false`` -> ``ablate.grid.head.hsmr=[true,false]``."""
+    if "=" not in item:
+        raise ConfigError(f"--grid {item!r} must look like KEY=V1,V2 (e.g. head.padm=true,false)")
+    key, values = item.split("=", 1)
+    return f"ablate.grid.{key.strip()}=[{values}]"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _dispatch(args)
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as err:
+    except (ConfigError, FileNotFoundError, KeyError, ValueError, RuntimeError) as err:
         print(f"fsar {args.command}: error: {err}", file=sys.stderr)
         return 2
 
@@ -131,8 +245,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         return commands.splits(args.splits_command, args)
     if args.command == "cache":
         return commands.cache(args.cache_command, Path(args.store))
+    if args.command == "train":
+        return commands.train(config_from_args(args))
+    if args.command == "eval":
+        return commands.evaluate(config_from_args(args), args.compare)
+    if args.command == "ablate":
+        return commands.ablate(config_from_args(args))
+    if args.command == "report":
+        return commands.report([Path(p) for p in args.paths], Path(args.out), args.runs)
     if args.command == "demo":
-        return commands.demo(Path(args.workdir), args.model)
+        return commands.demo(Path(args.workdir), args.model, args.steps)
     if args.command == "config":
         config = load_config(args.config, args.overrides)
         return commands.show_config(config)

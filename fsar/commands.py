@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from fsar.config import Config, load_config, to_dict
+from fsar.config import Config, to_dict
 
 
 def extract(config: Config) -> int:
@@ -71,33 +71,66 @@ def cache(command: str, path: Path) -> int:
     return 0
 
 
-def demo(workdir: Path, model: str) -> int:
-    """Render the synthetic dataset (SPEC 8) and extract it with a tiny random-init CLIP."""
-    from fsar.data.synthetic import render_demo_dataset
-    from fsar.extract.runner import run_extraction
+def train(config: Config) -> int:
+    from fsar.pipelines.train import train_heads
 
-    videos = workdir / "videos"
-    if not (videos / "testlist.txt").is_file():
-        info = render_demo_dataset(videos)
-        print(f"rendered the demo dataset into {videos} ({len(info.classes)} classes)")
-    store = workdir / f"demo_{model}.zarr"
-    config = load_config(
-        [],
-        [
-            "dataset.name=demo",
-            f"dataset.root={videos}",
-            f"model.name={model}",
-            f"extract.out={store}",
-            "extract.frames=reference_test",
-            "extract.views=[center,flip]",
-        ],
-    )
-    print(format_extract_result(run_extraction(config)))
+    result = train_heads(config)
+    best = f"{result.best_accuracy:.2f}" if result.best_step >= 0 else "-"
+    resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from else ""
     print(
-        "demo: extraction done. Training and evaluating the heads on this store arrive with the "
-        "pipelines stage (fsar train / fsar eval); inspect the store with "
-        f"`fsar cache info {store}`."
+        f"trained {config.head.name} for {result.steps} steps{resumed}; best "
+        f"{config.protocol.selection_split} accuracy {best} at step {result.best_step} -> "
+        f"{result.out / 'best.pt'}"
     )
+    return 0
+
+
+def evaluate(config: Config, compare_paths: list[str] | None) -> int:
+    from fsar.pipelines.evaluate import compare
+    from fsar.pipelines.run_eval import format_result, run_evaluation
+
+    if not compare_paths:
+        result, _ = run_evaluation(config)
+        print(format_result(result))
+        return 0
+    scored = [run_evaluation(config, checkpoint=path) for path in compare_paths]
+    for result, _ in scored:
+        print(format_result(result))
+    (result_a, outcome_a), (result_b, outcome_b) = scored
+    if result_a["episodes_sha256"] != result_b["episodes_sha256"]:
+        raise ValueError("the two checkpoints were scored on different episodes")
+    paired = compare(outcome_a, outcome_b)
+    print(
+        f"A - B = {paired.difference:+.2f} +- {paired.ci95:.2f} points (paired, "
+        f"{paired.episodes} identical episodes, 95% interval)"
+    )
+    return 0
+
+
+def ablate(config: Config) -> int:
+    from fsar.pipelines.ablate import run_ablation
+
+    table = run_ablation(config)
+    print(table.read_text(), end="")
+    print(f"-> {table} and {table.with_suffix('.csv')}")
+    return 0
+
+
+def report(paths: list[Path], out: Path, runs: list[str]) -> int:
+    from fsar.pipelines.report import write_report
+
+    path = write_report(paths, out, run_dirs=[Path(r) for r in runs])
+    print(f"report -> {path}")
+    return 0
+
+
+def demo(workdir: Path, model: str, steps: int | None) -> int:
+    """SPEC 8: render, extract, train four heads, evaluate, report."""
+    from fsar.pipelines.demo import run_demo
+
+    result = run_demo(workdir, model, steps if steps is not None else 150)
+    print(result.report.read_text(), end="")
+    print(f"-> {result.report}")
     return 0
 
 

@@ -7,6 +7,7 @@ values before any work starts, always naming the offending key.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import os
@@ -267,6 +268,16 @@ def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> Conf
     return config
 
 
+def with_overrides(config: Config, overrides: dict[str, Any]) -> Config:
+    """A validated copy of ``config`` with dotted keys set (e.g. {"head.hsmr": False})."""
+    data = to_dict(config)
+    for key, value in overrides.items():
+        _set_dotted(data, key, value)
+    new = build_dataclass(Config, data, prefix="")
+    validate(new)
+    return new
+
+
 def parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ConfigError(
@@ -286,6 +297,8 @@ def _deep_merge(into: dict, new: dict) -> None:
 
 def _set_dotted(tree: dict, key: str, value: Any) -> None:
     parts = key.split(".")
+    if key.startswith("ablate.grid."):  # grid keys are themselves dotted config keys
+        parts = ["ablate", "grid", key[len("ablate.grid.") :]]
     node = tree
     for part in parts[:-1]:
         node = node.setdefault(part, {})
@@ -351,10 +364,8 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         return value
     if hint is float:
         if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
-            try:
+            with contextlib.suppress(ValueError):
                 value = float(value)
-            except ValueError:
-                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)

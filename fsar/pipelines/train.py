@@ -76,7 +76,9 @@ def train_heads(config: Config, progress: bool = True) -> TrainResult:
     train_bank = load_bank(store, "train", device, config.protocol.train_views, layers)
     select_bank = load_bank(store, config.protocol.selection_split, device, ["center"], layers)
     sampler = EpisodeSampler(
-        train_bank, train_shape(config), "protocol.train_shot/train_query and episodes."
+        train_bank,
+        train_shape(config),
+        ("episodes.way", "protocol.train_shot (default episodes.shot)", "protocol.train_query"),
     )
     select = EvalSetup(
         select_bank,

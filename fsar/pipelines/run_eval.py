@@ -1,0 +1,180 @@
+"""``fsar eval``: score a trained, official or parameter-free head on fixed episodes of a store.
+
+Writes one result JSON (schema ``fsar-eval/1``, read by ``fsar report``) and the per-class
+confusion matrix as CSV beside it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fsar.cache import open_store
+from fsar.cache.bank import load_bank
+from fsar.config import Config, ConfigError, HeadConfig, ProtocolConfig, build_dataclass, to_dict
+from fsar.heads import FewShotHead, load_official
+from fsar.pipelines.build import build_head
+from fsar.pipelines.checkpoint import check_store_fits, encoder_recipe, load_checkpoint
+from fsar.pipelines.episodes import EpisodeShape, fixed_episodes
+from fsar.pipelines.evaluate import EvalOutcome, EvalSetup, evaluate_episodes
+from fsar.pipelines.train import resolve_device
+
+RESULT_KIND = "fsar-eval/1"
+
+
+@dataclass
+class HeadSource:
+    """Where the head's weights come from, and what was recorded when it was trained."""
+
+    head: FewShotHead
+    head_config: HeadConfig
+    protocol: ProtocolConfig
+    checkpoint: dict[str, Any] | None  # fsar checkpoint payload
+    label: str
+
+
+def load_head_source(
+    config: Config, checkpoint: str | None, device: torch.device, bank
+) -> HeadSource:
+    ev = config.eval
+    if checkpoint and ev.official:
+        raise ConfigError("eval.checkpoint and eval.official are exclusive: pass one of them")
+    if checkpoint:
+        payload = load_checkpoint(checkpoint)
+        head_config = build_dataclass(HeadConfig, payload["config"]["head"], "head.")
+        protocol = build_dataclass(ProtocolConfig, payload["protocol"], "protocol.")
+        head = build_head(head_config, payload["feature_dim"], payload["layer_dims"])
+        head.load_state_dict(payload["head"])
+        return HeadSource(head.to(device), head_config, protocol, payload, head_config.name)
+    head = build_head(config.head, bank.feature_dim, bank.layer_dims)
+    if ev.official:
+        load_official(head, ev.official)
+    elif any(True for _ in head.parameters()):
+        raise ConfigError(
+            f"head {config.head.name} has trained parameters: pass eval.checkpoint (a best.pt "
+            "from fsar train) or eval.official (a release checkpoint)"
+        )
+    return HeadSource(head.to(device), config.head, config.protocol, None, config.head.name)
+
+
+def run_evaluation(
+    config: Config, checkpoint: str | None = None
+) -> tuple[dict[str, Any], EvalOutcome]:
+    """Evaluate; returns the result record (also written to eval.out) and the raw outcome."""
+    ev = config.eval
+    checkpoint = checkpoint if checkpoint is not None else ev.checkpoint
+    device = resolve_device(ev.device)
+    store_path = ev.store or config.train.store
+    if not store_path and checkpoint:
+        store_path = load_checkpoint(checkpoint)["store"]["path"]
+    if not store_path:
+        raise ConfigError("eval.store is not set: pass --store STORE")
+    store = open_store(Path(store_path))
+    bank = load_bank(store, ev.split, device, ["center"], [])
+    source = load_head_source(config, checkpoint, device, bank)
+    if source.checkpoint is not None:
+        check_store_fits(source.checkpoint, store.recipe, store.path)
+    shape = EpisodeShape(config.episodes.way, config.episodes.shot, config.episodes.query)
+    episodes = fixed_episodes(bank, shape, ev.episodes, ev.seed)
+    setup = EvalSetup(
+        bank, episodes, int(store.recipe["seq_len"]), source.protocol.test_frames, ev.seed
+    )
+    outcome = evaluate_episodes(source.head, setup, source.head_config, ev.episode_batch)
+    result = result_record(config, store, bank, setup, source, outcome, checkpoint)
+    out = result_path(config, checkpoint, shape)
+    write_result(result, outcome, bank.class_names, out)
+    result["path"] = str(out)
+    return result, outcome
+
+
+def result_path(config: Config, checkpoint: str | None, shape: EpisodeShape) -> Path:
+    if config.eval.out:
+        return Path(config.eval.out)
+    name = f"eval_{config.eval.split}_{shape.way}way_{shape.shot}shot.json"
+    if checkpoint:
+        return Path(checkpoint).parent / name
+    raise ConfigError("eval.out is not set: pass --out RESULT.json")
+
+
+def result_record(
+    config, store, bank, setup, source: HeadSource, outcome, checkpoint
+) -> dict[str, Any]:
+    recipe = store.recipe
+    payload = source.checkpoint
+    selection = None
+    if payload is not None and payload.get("best_step", -1) >= 0:
+        selection = {
+            "split": source.protocol.selection_split,
+            "step": payload["best_step"],
+            "accuracy": payload["best_accuracy"],
+        }
+    per_class = {}
+    for class_id, name in enumerate(bank.class_names):
+        row = outcome.confusion[class_id]
+        if row.sum():
+            per_class[name] = float(100.0 * row[class_id] / row.sum())
+    return {
+        "kind": RESULT_KIND,
+        "label": source.label,
+        "head": source.head_config.name,
+        "regime": "frozen cache",
+        "backbone": recipe.get("model"),
+        "weights": recipe.get("weights"),
+        "dataset": recipe.get("dataset"),
+        "variant": payload["store"].get("variant") if payload else config.dataset.variant,
+        "split": config.eval.split,
+        "way": config.episodes.way,
+        "shot": config.episodes.shot,
+        "query": config.episodes.query,
+        "episodes": len(setup.episodes),
+        "episodes_sha256": setup.episodes.digest(),
+        "seed": config.eval.seed,
+        "accuracy": outcome.accuracy,
+        "ci95": outcome.ci95,
+        "std": outcome.std,
+        "protocol": to_dict(source.protocol),
+        "selection": selection,
+        "checkpoint": str(checkpoint) if checkpoint else None,
+        "official": config.eval.official,
+        "run_dir": str(Path(checkpoint).parent) if checkpoint else None,
+        "store": {
+            "path": str(store.path),
+            "fingerprint": store.fingerprint,
+            "normalize": recipe.get("normalize"),
+            "encoder": encoder_recipe(recipe),
+            "videos": len(bank),
+            "videos_skipped": bank.skipped,
+        },
+        "per_class": per_class,
+    }
+
+
+def write_result(result: dict, outcome: EvalOutcome, class_names, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    confusion_path = out.with_name(out.stem + "_confusion.csv")
+    present = [i for i in range(len(class_names)) if outcome.confusion[i].sum()]
+    with confusion_path.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["true \\ predicted"] + [class_names[i] for i in present])
+        for i in present:
+            writer.writerow([class_names[i]] + [int(outcome.confusion[i, j]) for j in present])
+    result["confusion_csv"] = confusion_path.name
+    tmp = out.with_name(out.name + ".partial")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(out)
+
+
+def format_result(result: dict) -> str:
+    flag = ""
+    if result["protocol"]["selection_split"] == "test" and result["selection"]:
+        flag = " [model selected on test, as the releases do]"
+    return (
+        f"{result['label']} on {result['dataset']} {result['split']}: {result['way']}-way "
+        f"{result['shot']}-shot, {result['episodes']} episodes: "
+        f"{result['accuracy']:.2f} +- {result['ci95']:.2f}{flag} -> {result['path']}"
+    )
