@@ -17,9 +17,22 @@ EXTRA ?=
 NPROC ?= 1
 PYTEST_ARGS ?=
 
+# head knobs (see README "Training and evaluating heads")
+METHOD ?= clipspm
+SHOT ?= 5
+PRESET ?=
+EXPERIMENT ?= configs/experiments/$(METHOD)/$(DATASET)_$(MODEL)_$(SHOT)shot.yaml
+STORE ?= $(OUT)
+RUN ?= outputs/runs/$(DATASET)_$(MODEL)_$(METHOD)_$(SHOT)shot
+GRID ?= --grid head.hsmr=true,false --grid head.padm=true,false
+ABLATION ?= outputs/ablations/$(DATASET)_$(MODEL)_$(METHOD)_$(SHOT)shot
+RESULTS ?= outputs/runs
+REPORT ?= outputs/report
+
+EXP_CONFIG = $(if $(PRESET),--config configs/presets/$(PRESET).yaml) $(if $(wildcard $(EXPERIMENT)),--config $(EXPERIMENT))
 WEIGHT_FLAGS := $(if $(PRETRAINED),--pretrained $(PRETRAINED)) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
 
-.PHONY: install test lint format extract demo bench clean
+.PHONY: install test lint format extract train-heads eval ablate report demo bench clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,19 +47,31 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff format --check fsar tests benchmarks
-	$(VENV)/bin/ruff check fsar tests benchmarks
+	$(VENV)/bin/ruff format --check fsar tests benchmarks configs
+	$(VENV)/bin/ruff check fsar tests benchmarks configs
 
 format: $(STAMP)
-	$(VENV)/bin/ruff format fsar tests benchmarks
-	$(VENV)/bin/ruff check --fix fsar tests benchmarks
+	$(VENV)/bin/ruff format fsar tests benchmarks configs
+	$(VENV)/bin/ruff check --fix fsar tests benchmarks configs
 
 extract: $(STAMP)
 ifeq ($(NPROC),1)
-	$(FSAR) extract --dataset $(DATASET) --root $(ROOT) --model $(MODEL) $(WEIGHT_FLAGS) --out $(OUT) $(EXTRA)
+	$(FSAR) extract --dataset $(DATASET) --root $(ROOT) --model $(MODEL) $(WEIGHT_FLAGS) $(if $(PRESET),--config configs/presets/$(PRESET).yaml) --out $(OUT) $(EXTRA)
 else
-	$(VENV)/bin/torchrun --nproc_per_node=$(NPROC) -m fsar extract --dataset $(DATASET) --root $(ROOT) --model $(MODEL) $(WEIGHT_FLAGS) --out $(OUT) $(EXTRA)
+	$(VENV)/bin/torchrun --nproc_per_node=$(NPROC) -m fsar extract --dataset $(DATASET) --root $(ROOT) --model $(MODEL) $(WEIGHT_FLAGS) $(if $(PRESET),--config configs/presets/$(PRESET).yaml) --out $(OUT) $(EXTRA)
 endif
+
+train-heads: $(STAMP)
+	$(FSAR) train --dataset $(DATASET) --model $(MODEL) $(EXP_CONFIG) --store $(STORE) --out $(RUN) $(EXTRA)
+
+eval: $(STAMP)
+	$(FSAR) eval --dataset $(DATASET) --model $(MODEL) $(EXP_CONFIG) --checkpoint $(RUN)/best.pt --store $(STORE) $(EXTRA)
+
+ablate: $(STAMP)
+	$(FSAR) ablate --dataset $(DATASET) --model $(MODEL) $(EXP_CONFIG) --store $(STORE) --out $(ABLATION) $(GRID) $(EXTRA)
+
+report: $(STAMP)
+	$(FSAR) report $(RESULTS) --out $(REPORT) --runs $(wildcard $(RESULTS)/*/)
 
 demo: $(STAMP)
 	$(FSAR) demo --workdir outputs/demo
@@ -54,6 +79,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/extract.py --out benchmarks/results/extract.json
 	$(PY) benchmarks/heads.py --out benchmarks/results/heads.json
+	$(PY) benchmarks/pipeline.py --out benchmarks/results/pipeline.json
 
 clean:
 	rm -rf outputs stores .pytest_cache
