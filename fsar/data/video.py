@@ -9,6 +9,7 @@ extraction runner records that text for the failed video and moves on.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -109,7 +110,9 @@ def _read_jpeg(path: Path) -> np.ndarray:
     (no image object in between); PIL reads whatever it refuses (e.g. CMYK or odd markers).
     """
     try:
-        from torchvision.io import ImageReadMode, decode_jpeg, read_file
+        with warnings.catch_warnings():  # torchvision 0.29 announces a future move to TorchCodec
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
         return decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB).permute(1, 2, 0).numpy()
     except Exception:  # fall through to PIL, which names the problem if it fails too
