@@ -176,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("paths", nargs="+", help="result JSON files or folders holding them")
     report.add_argument("--out", required=True, help="report folder")
     report.add_argument("--runs", nargs="*", default=[], help="run folders for learning curves")
+    report.add_argument(
+        "--published",
+        help="YAML of published accuracies (like the reference paper_results.yaml): extra rows",
+    )
 
     demo = sub.add_parser("demo", help="render the synthetic dataset and run the whole pipeline")
     demo.add_argument("--workdir", default="outputs/demo")
@@ -252,7 +256,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "ablate":
         return commands.ablate(config_from_args(args))
     if args.command == "report":
-        return commands.report([Path(p) for p in args.paths], Path(args.out), args.runs)
+        return commands.report(
+            [Path(p) for p in args.paths], Path(args.out), args.runs, args.published
+        )
     if args.command == "demo":
         return commands.demo(Path(args.workdir), args.model, args.steps)
     if args.command == "config":

@@ -116,10 +116,15 @@ def ablate(config: Config) -> int:
     return 0
 
 
-def report(paths: list[Path], out: Path, runs: list[str]) -> int:
+def report(paths: list[Path], out: Path, runs: list[str], published: str | None) -> int:
     from fsar.pipelines.report import write_report
 
-    path = write_report(paths, out, run_dirs=[Path(r) for r in runs])
+    published_table = None
+    if published:
+        if not Path(published).is_file():
+            raise FileNotFoundError(f"--published {published}: no such file")
+        published_table = yaml.safe_load(Path(published).read_text())
+    path = write_report(paths, out, run_dirs=[Path(r) for r in runs], published=published_table)
     print(f"report -> {path}")
     return 0
 

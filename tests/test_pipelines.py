@@ -116,6 +116,13 @@ def test_train_then_eval_writes_checkpoints_metrics_and_a_reproducible_result(de
     assert confusion.sum() == 60 * 5 * 1  # episodes x way x query
     assert math.isclose(100 * np.trace(confusion) / confusion.sum(), first["accuracy"])
 
+    run_fsar(
+        "report", str(tmp_path / "a.json"), "--out", str(tmp_path / "report"), "--runs", str(run)
+    )
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert f"{first['accuracy']:.1f} ± {first['ci95']:.1f}" in report
+    assert (tmp_path / "report" / "learning_curves.png").is_file()
+
 
 @pytest.mark.slow
 def test_a_run_killed_mid_training_resumes_to_the_same_weights(demo_store, tmp_path):
