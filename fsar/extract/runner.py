@@ -27,6 +27,7 @@ from fsar.config import Config, ConfigError
 from fsar.data.datasets import load_dataset
 from fsar.data.frames import parse_frame_policy
 from fsar.data.transforms import Preprocess, parse_views
+from fsar.devices import resolve_device
 from fsar.extract.decode import BlockDataset, DecodeDataset, VideoJob, collate_single
 from fsar.extract.distributed import DistContext, barrier, init_distributed
 from fsar.extract.encoders import Encoder, EncoderSpec, build_encoder
@@ -50,12 +51,6 @@ class ExtractResult:
 def encoder_spec(config: Config) -> EncoderSpec:
     m = config.model
     return EncoderSpec(m.name, m.pretrained, m.weights, m.checkpoint, m.random_init, m.quick_gelu)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def run_extraction(config: Config, progress: bool = True) -> ExtractResult:

@@ -17,12 +17,12 @@ import torch
 from fsar.cache import open_store
 from fsar.cache.bank import load_bank
 from fsar.config import Config, ConfigError, HeadConfig, ProtocolConfig, build_dataclass, to_dict
+from fsar.devices import resolve_device
 from fsar.heads import FewShotHead, load_official
 from fsar.pipelines.build import build_head
 from fsar.pipelines.checkpoint import check_store_fits, encoder_recipe, load_checkpoint
 from fsar.pipelines.episodes import EpisodeShape, fixed_episodes
 from fsar.pipelines.evaluate import EvalOutcome, EvalSetup, evaluate_episodes
-from fsar.pipelines.train import resolve_device
 
 RESULT_KIND = "fsar-eval/1"
 

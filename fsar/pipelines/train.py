@@ -24,6 +24,7 @@ from tqdm import tqdm
 from fsar.cache import open_store
 from fsar.cache.bank import FeatureBank, load_bank
 from fsar.config import Config, ConfigError, to_dict
+from fsar.devices import resolve_device
 from fsar.heads import FewShotHead, episode_loss
 from fsar.pipelines.build import aux_weights, build_head, episode_tensors, hsmr_layer
 from fsar.pipelines.checkpoint import encoder_recipe, load_checkpoint, save_checkpoint
@@ -48,12 +49,6 @@ class TrainResult:
     best_accuracy: float  # selection-split accuracy (%) of best.pt
     history: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: int = 0
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def train_shape(config: Config) -> EpisodeShape:
