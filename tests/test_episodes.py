@@ -347,3 +347,39 @@ def test_noisy_classes_match_a_numpy_prototype_classifier(bank):
     np.testing.assert_allclose(out.per_episode, want, atol=1e-12)
     assert out.ci95 == pytest.approx(100 * 1.96 * want.std() / np.sqrt(len(want)), abs=1e-9)
     assert np.trace(out.confusion) == round(want.mean() * 60 * 5 * 2)
+
+
+def test_training_extras_carry_shallow_layers_and_the_video_text_table(bank):
+
+    eps = fixed_episodes(bank, EpisodeShape(3, 1, 2), 4, seed=3)
+    positions = torch.zeros(len(bank), 2, dtype=torch.long)
+    spm = HeadConfig(name="clipspm", hsmr_source="layer:block1")
+    got = episode_tensors(bank, eps, positions, None, spm, training=True)
+    assert set(got.extras) == {"support_shallow", "query_shallow"}
+    rows = eps.support
+    assert got.extras["support_shallow"].shape == (4, rows.shape[1], 2, 3)
+    assert torch.equal(
+        got.extras["support_shallow"][1, 0],
+        bank.layers["center"]["block1"][rows[1, 0], [0, 0]].float(),
+    )
+    assert episode_tensors(bank, eps, positions, None, spm, training=False).extras == {}
+
+    text_classes = torch.tensor([6, 2, 0, 1, 3, 4, 5, 7])  # a table in another order than ids
+    fsar_head = HeadConfig(name="clipfsar")
+    got = episode_tensors(bank, eps, positions, None, fsar_head, True, text_classes)
+    assert torch.equal(got.extras["text_table"], bank.class_text[text_classes])
+    for part in ("support", "query"):
+        table_rows = got.extras[f"{part}_class_ids"]
+        true_ids = bank.class_ids[getattr(eps, part)]
+        assert torch.equal(text_classes[table_rows], true_ids)  # row k of the table is its class
+
+
+def test_segment_random_evaluation_frames_are_seeded_per_evaluation(bank):
+    eps = fixed_episodes(bank, EpisodeShape(3, 1, 1), 2, seed=0)
+    setup = EvalSetup(bank, eps, 4, "segment_random", seed=5)
+    first, again = setup.positions(), setup.positions()
+    assert torch.equal(first, again)  # every head is scored on the same frames
+    assert not torch.equal(first, EvalSetup(bank, eps, 4, "segment_random", seed=6).positions())
+    assert bool((first < bank.n_frames[:, None]).all()) and bool((first >= 0).all())
+    cached = EvalSetup(bank, eps, 4, "cached", seed=5).positions()
+    assert not torch.equal(first, cached)
