@@ -131,8 +131,7 @@ def train_heads(config: Config, progress: bool = True) -> TrainResult:
         loss_sum, correct, total = 0.0, 0, 0
         for _ in range(micro_batches):
             episodes = sampler.sample(tr.episode_batch, generator)
-            positions = train_positions(train_bank.n_frames, seq_len, generator)
-            views = torch.randint(len(train_bank.views), (len(train_bank),), generator=generator)
+            positions, views = jitter_used_videos(train_bank, episodes, seq_len, generator)
             batch = episode_tensors(
                 train_bank, episodes, positions, views.to(device), config.head, True, train_classes
             )
@@ -184,6 +183,20 @@ def train_heads(config: Config, progress: bool = True) -> TrainResult:
     return TrainResult(
         out, state.step, state.best_step, state.best_accuracy, state.history, state.resumed_from
     )
+
+
+def jitter_used_videos(bank: FeatureBank, episodes, seq_len: int, generator: torch.Generator):
+    """Training frames and views for the videos of these episodes only.
+
+    A bank can hold tens of thousands of videos and an episode uses a few dozen, so the draws
+    are made for the used rows and scattered into bank-sized tables (long [V, T] and [V]).
+    """
+    rows = torch.unique(torch.cat([episodes.support.flatten(), episodes.query.flatten()]))
+    positions = torch.zeros(len(bank), seq_len, dtype=torch.long)
+    positions[rows] = train_positions(bank.n_frames.cpu()[rows], seq_len, generator)
+    views = torch.zeros(len(bank), dtype=torch.long)
+    views[rows] = torch.randint(len(bank.views), (len(rows),), generator=generator)
+    return positions.to(bank.device), views
 
 
 @dataclass
