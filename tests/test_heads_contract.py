@@ -330,3 +330,53 @@ def test_temporal_conv_equals_conv1d_over_time():
     x = torch.randn(3, 7, 16, dtype=torch.float64)
     expected = torch.nn.functional.conv1d(x.transpose(1, 2), conv.weight, conv.bias, padding=1)
     close(conv(x), expected.transpose(1, 2))
+
+
+def test_cpu_dropout_drops_at_rate_p_keeps_the_mean_and_is_seeded():
+    from fsar.heads.blocks import Dropout
+
+    for p in (0.05, 0.2, 0.5):
+        drop = Dropout(p).train()
+        x = torch.full((1000, 1000), 2.0, requires_grad=True)
+        torch.manual_seed(1)
+        y = drop(x)
+        dropped = (y == 0).double().mean().item()
+        sigma = (p * (1 - p) / x.numel()) ** 0.5
+        assert abs(dropped - p) < 5 * sigma, (p, dropped)
+        kept = y[y != 0]
+        # kept values are scaled by the inverse of the (2**-16-rounded) keep probability
+        assert torch.allclose(kept, torch.full_like(kept, 2.0 / (1 - round(p * 65536) / 65536)))
+        y.backward(torch.ones_like(y))
+        assert torch.equal(x.grad, y.detach() / 2.0)  # gradient = mask * scale
+        torch.manual_seed(1)
+        assert torch.equal(drop(x), y)  # the global seed decides the mask
+    x = torch.randn(5, 7)
+    assert torch.equal(Dropout(0.3).eval()(x), x)
+    assert torch.equal(Dropout(0.0).train()(x), x)
+    assert torch.equal(Dropout(1.0).train()(x), torch.zeros_like(x))
+
+
+def test_every_dropout_of_the_heads_is_the_fast_one():
+    from fsar.heads.blocks import Dropout
+
+    for name in ("clipfsar", "clipspm"):
+        drops = [m for m in HEADS[name]().modules() if isinstance(m, torch.nn.Dropout)]
+        assert drops and all(isinstance(m, Dropout) for m in drops), name
+
+
+def test_cpu_attention_equals_the_fused_kernel_forward_and_backward():
+    from fsar.heads.blocks import attend
+
+    torch.manual_seed(0)
+    for lq, lk in ((9, 9), (21, 21), (1, 6)):
+        inputs = [torch.randn(3, 2, length, 8, dtype=torch.float64) for length in (lq, lk, lk)]
+        ours = [x.clone().requires_grad_() for x in inputs]
+        fused = [x.clone().requires_grad_() for x in inputs]
+        out = attend(*ours)
+        expected = torch.nn.functional.scaled_dot_product_attention(*fused)
+        close(out, expected)
+        grad = torch.randn_like(out)
+        out.backward(grad)
+        expected.backward(grad)
+        for a, b in zip(ours, fused, strict=True):
+            close(a.grad, b.grad)

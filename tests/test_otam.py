@@ -120,3 +120,17 @@ def test_otam_is_finite_for_large_distances():
     out = otam_bidirectional(d)
     out.sum().backward()
     assert torch.isfinite(out).all() and torch.isfinite(d.grad).all()
+
+
+def test_fast_logaddexp_matches_torch_logaddexp():
+    from fsar.heads.otam import _logaddexp
+
+    torch.manual_seed(0)
+    a = torch.randn(10000) * 30
+    b = torch.randn(10000) * 30
+    a[:100] = float("-inf")  # row -1 of the sweep
+    b[100:200] = a[100:200]  # equal arguments
+    exact = torch.logaddexp(a.double(), b.double())
+    fast = _logaddexp(a.clone(), b).double()
+    assert torch.equal(fast[:100], b[:100].double())
+    assert torch.allclose(fast, exact, rtol=1e-6, atol=1e-6)
