@@ -5,7 +5,10 @@ Measures, in one run:
    DP cells (written below, vectorised over pairs only, as the releases do), on
    dists [B=16, Q=20, N=5, T=8, T=8];
 2. CLIP-SPM training steps (forward with query labels, loss, backward, Adam step) in episodes/s at
-   B=1 and B=16, dim 1024 and the release sizes, 5-way 1-shot with 4 queries per class, T=8.
+   B=1 and B=16, dim 1024 and the release sizes, 5-way 1-shot with 4 queries per class, T=8;
+3. on CPU, the CLIP-SPM training step of the pipeline benchmark (64-d features, widths 2x the
+   features, B=16) with fsar's CPU kernels (dropout masks, attention, OTAM log-add-exp) against
+   the same step with the library kernels they replace, alternating, and each kernel alone.
 
 Usage: python benchmarks/heads.py [--out benchmarks/results/heads.json] [--device cpu|cuda]
 """
@@ -18,6 +21,7 @@ import os
 import platform
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -25,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fsar.heads import CLIPSPMHead, episode_loss, otam_bidirectional  # noqa: E402
+from fsar.heads import CLIPSPMHead, blocks, episode_loss, otam, otam_bidirectional  # noqa: E402
 
 
 def loop_otam_one_way(dists: torch.Tensor, lam: float = 0.5) -> torch.Tensor:
@@ -157,6 +161,83 @@ def bench_clipspm(device: torch.device, batch_sizes: list[int], dim: int, budget
     }
 
 
+@contextmanager
+def library_kernels():
+    """Swap fsar's CPU kernels for the library calls they replace (same maths)."""
+    saved = blocks.attend, blocks.Dropout.forward, otam._logaddexp
+    blocks.attend = F.scaled_dot_product_attention
+    blocks.Dropout.forward = torch.nn.Dropout.forward
+    otam._logaddexp = torch.logaddexp
+    try:
+        yield
+    finally:
+        blocks.attend, blocks.Dropout.forward, otam._logaddexp = saved
+
+
+def bench_cpu_kernels(rounds: int) -> dict:
+    """fsar's CPU kernels against the library ones, in the pipeline benchmark's CLIP-SPM step."""
+    dim, b, way, query_per_class, frames = 64, 16, 5, 4, 8
+    widths = dict(heads=8, dim_head=16, mlp_dim=128, prompt_hidden=128)
+    torch.manual_seed(0)
+    head = CLIPSPMHead(dim, **widths).train()
+    optimizer = torch.optim.Adam(head.parameters(), lr=1e-5, betas=(0.5, 0.999))
+    support = torch.randn(b, way, frames, dim)
+    query = torch.randn(b, way * query_per_class, frames, dim)
+    class_text = torch.randn(b, way, dim)
+    support_labels = torch.arange(way).repeat(b, 1)
+    query_labels = torch.arange(way).repeat_interleave(query_per_class).repeat(b, 1)
+
+    def train_step():
+        optimizer.zero_grad(set_to_none=True)
+        out = head(support, support_labels, query, class_text, query_labels=query_labels)
+        episode_loss(out, query_labels, {"motion_consistency": 0.001 * b}).backward()
+        optimizer.step()
+
+    def fwd_bwd(fn, *shapes):
+        inputs = [torch.randn(shape, requires_grad=True) for shape in shapes]
+
+        def run():
+            fn(*inputs).sum().backward()
+
+        return run
+
+    ours = {
+        "train_step": train_step,
+        "dropout_3600x128": fwd_bwd(blocks.Dropout(0.05).train(), (3600, 128)),
+        "attention_400x8x9x16": fwd_bwd(blocks.attend, *[(400, 8, 9, 16)] * 3),
+        "logaddexp_8x3200": fwd_bwd(lambda x, y: otam._logaddexp(x, y), (8, 3200), (8, 3200)),
+    }
+    library = {
+        "train_step": train_step,
+        "dropout_3600x128": fwd_bwd(lambda x: F.dropout(x, 0.05, True), (3600, 128)),
+        "attention_400x8x9x16": fwd_bwd(F.scaled_dot_product_attention, *[(400, 8, 9, 16)] * 3),
+        "logaddexp_8x3200": fwd_bwd(torch.logaddexp, (8, 3200), (8, 3200)),
+    }
+    times = {name: {"fsar": [], "library": []} for name in ours}
+    for _ in range(rounds):  # alternate, so that load from other processes hits both alike
+        for name in ours:
+            times[name]["fsar"].append(time_call(ours[name], 3, torch.device("cpu"))["min_s"])
+            with library_kernels():
+                timing = time_call(library[name], 3, torch.device("cpu"))
+            times[name]["library"].append(timing["min_s"])
+    report = {
+        "setting": {
+            **dict(dim=dim, B=b, way=way, shot=1, query_per_class=query_per_class, T=frames),
+            **widths,
+            "timing": "best of 3 calls per round, median over rounds; train_step per episode",
+        }
+    }
+    for name, pair in times.items():
+        fsar_s, library_s = sorted(pair["fsar"]), sorted(pair["library"])
+        per = b if name == "train_step" else 1
+        report[name] = {
+            "fsar_ms": round(1000 * fsar_s[len(fsar_s) // 2] / per, 3),
+            "library_ms": round(1000 * library_s[len(library_s) // 2] / per, 3),
+        }
+        report[name]["speedup"] = round(report[name]["library_ms"] / report[name]["fsar_ms"], 2)
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -164,6 +245,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/heads.json", help="JSON output path")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--otam-rounds", type=int, default=10)
+    parser.add_argument("--kernel-rounds", type=int, default=7, help="CPU kernel comparison")
     parser.add_argument(
         "--step-budget-s",
         type=float,
@@ -182,6 +264,8 @@ def main() -> None:
         "otam": bench_otam(device, args.otam_rounds),
         "clipspm_train_step": bench_clipspm(device, [1, 16], 1024, args.step_budget_s),
     }
+    if device.type == "cpu":
+        report["cpu_kernels"] = bench_cpu_kernels(args.kernel_rounds)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")
