@@ -15,7 +15,6 @@ __all__ = [
     "cos_sim",
     "Dropout",
     "FeedForward",
-    "attend",
     "Attention",
     "TransformerLayer",
     "Gate",
@@ -76,20 +75,6 @@ class FeedForward(nn.Module):
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """`softmax(q k^T / sqrt(dh)) v` for q [N, h, Lq, dh], k and v [N, h, Lk, dh].
-
-    On CPU the sequences of these heads are short (T+1 frames, or a support set), and two
-    batched matrix products are faster than the fused kernel of `scaled_dot_product_attention`,
-    which is built for long sequences: 1.2-1.9x forward + backward at the CLIP-SPM shapes on a
-    2-core VM. Elsewhere the fused kernel is used.
-    """
-    if q.device.type != "cpu":
-        return F.scaled_dot_product_attention(q, k, v)
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # [N, h, Lq, Lk]
-    return scores.softmax(dim=-1) @ v
-
-
 class Attention(nn.Module):
     """Multi-head attention with bias-free q/k/v projections dim -> heads*dim_head.
 
@@ -114,8 +99,9 @@ class Attention(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """q [N, Lq, dim], k and v [N, Lk, dim] -> [N, Lq, dim]."""
-        q, k, v = self._split(self.to_q(q)), self._split(self.to_k(k)), self._split(self.to_v(v))
-        out = attend(q, k, v)  # softmax(q k^T * dim_head^-0.5) v: [N, h, Lq, dh]
+        out = F.scaled_dot_product_attention(
+            self._split(self.to_q(q)), self._split(self.to_k(k)), self._split(self.to_v(v))
+        )  # softmax(q k^T * dim_head^-0.5) v: [N, h, Lq, dh]
         out = out.transpose(1, 2).flatten(2)  # [N, Lq, h*dh]
         return self.drop(self.to_out(out))
 

@@ -53,7 +53,8 @@ def _logaddexp(a: Tensor, b: Tensor) -> Tensor:
 
     Same accuracy as `torch.logaddexp` in float32 (log(1 + x) loses only x below float
     resolution of the result) and about 5x faster on CPU, where `torch.logaddexp` and
-    `torch.log1p` are not vectorised; it was the largest part of the OTAM sweep.
+    `torch.log1p` are not vectorised; it was the largest part of the OTAM sweep. Works in place
+    on a temporary, so it is for the sweep (no autograd), not for differentiable code.
     """
     return (a - b).abs_().neg_().exp_().add_(1.0).log_().add_(torch.maximum(a, b))
 
