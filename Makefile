@@ -80,6 +80,9 @@ bench: $(STAMP)
 	$(PY) benchmarks/extract.py --out benchmarks/results/extract.json
 	$(PY) benchmarks/heads.py --out benchmarks/results/heads.json
 	$(PY) benchmarks/pipeline.py --out benchmarks/results/pipeline.json
+	$(PY) benchmarks/pipeline.py --widths vitb16 --out benchmarks/results/pipeline_vitb16_widths.json
+	$(PY) benchmarks/pipeline.py --head clipfsar --set head.dim_head=8 --fsar-episodes 4096 \
+		--out benchmarks/results/pipeline_clipfsar.json
 
 clean:
 	rm -rf outputs stores .pytest_cache
