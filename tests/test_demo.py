@@ -25,7 +25,7 @@ def test_demo_report_shows_temporal_heads_ahead_of_the_frame_mean_on_reversed_pa
         gain, gain_interval = gains[head]
         assert gain - gain_interval > 0, (head, gain, gain_interval)
     for head, result in summary["five_way"].items():
-        assert result["episodes"] == 2000 and result["split"] == "test", head
+        assert result["episodes"] == 4000 and result["split"] == "test", head
         assert result["protocol"]["selection_split"] == "val"
     full = (tmp_path / "report" / "report.md").read_text()
     assert (

@@ -38,7 +38,7 @@ DEMO_SETTINGS = {
     "train.val_every": 25,
     "train.val_episodes": 300,
     "train.log_every": 5,
-    "eval.episodes": 2000,
+    "eval.episodes": 4000,
     "eval.episode_batch": 200,
     "episodes.way": 5,
     "episodes.shot": 1,
@@ -169,6 +169,11 @@ def write_demo_report(workdir: Path, results, pair_accuracy, pair_gain, full_rep
         "",
         "A video and its reversal have the same mean frame, so `proto_mean` is at chance (50%) on "
         "reversed pairs; the temporal heads (OTAM alignment, CLIP-FSAR, CLIP-SPM) are not.",
+        "",
+        "The demo's text encoder is random-init, so its class-name features carry no meaning. "
+        "CLIP-SPM mixes them (and prompts generated from them) into the frames, which costs it "
+        "here what it gains with real CLIP text (the README's demo section has the ablation "
+        "that measures it: `head.spm=generated,none` on this store).",
         "",
         f"Full report with learning curves and confusion matrices: "
         f"[{full_report.relative_to(workdir)}]({full_report.relative_to(workdir)})",
