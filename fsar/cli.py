@@ -76,17 +76,28 @@ def _config_help() -> str:
     return "\n".join(f"  {key:<24} {default:<18} {text}" for key, default, text in describe())
 
 
+def _add_config_command(sub, name: str, help: str, config_help: str) -> argparse.ArgumentParser:
+    """A subcommand whose --help ends with every config key (`config_help`, built once)."""
+    return sub.add_parser(
+        name,
+        help=help,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (set any with key=value):\n" + config_help,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fsar", description="Few-shot action recognition on cached CLIP features."
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    config_help = _config_help()
 
-    ext = sub.add_parser(
+    ext = _add_config_command(
+        sub,
         "extract",
-        help="decode videos, encode frames and class names, write a feature store",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys (set any with key=value):\n" + _config_help(),
+        "decode videos, encode frames and class names, write a feature store",
+        config_help,
     )
     ext.add_argument(
         "--dataset", help="kinetics | ssv2_full | ssv2_small | ucf101 | hmdb51 | folder | demo"
@@ -127,11 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = cache_sub.add_parser("verify", help="consistency checks of a store's contents")
     check.add_argument("store")
 
-    train = sub.add_parser(
-        "train",
-        help="train a few-shot head episodically on a feature store",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys (set any with key=value):\n" + _config_help(),
+    train = _add_config_command(
+        sub, "train", "train a few-shot head episodically on a feature store", config_help
     )
     _add_experiment_args(train)
     train.add_argument("--store", help="feature store (from fsar extract)")
@@ -139,11 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=int, help="optimizer steps")
     _add_config_args(train)
 
-    ev = sub.add_parser(
+    ev = _add_config_command(
+        sub,
         "eval",
-        help="score a head on fixed episodes: accuracy, 95%% interval, confusion",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys (set any with key=value):\n" + _config_help(),
+        "score a head on fixed episodes: accuracy, 95%% interval, confusion",
+        config_help,
     )
     _add_experiment_args(ev)
     ev.add_argument("--store", help="feature store (default: the checkpoint's training store)")
