@@ -355,9 +355,9 @@ def main() -> None:
     fsar = summarize(fsar_rounds, ("episodes_per_s", "loop_episodes_per_s"))
     baseline = summarize(baseline_rounds, ("episodes_per_s",))
     # per-episode means; encode and head step share the cores with the decoding workers
+    n_baseline = baseline["episodes"]
     baseline["ms_per_episode_by_part"] = {
-        part: round(1000 * sum(r["seconds_by_part"][part] for r in baseline_rounds) / n, 1)
-        for n in [baseline["episodes"]]
+        part: round(1000 * sum(r["seconds_by_part"][part] for r in baseline_rounds) / n_baseline, 1)
         for part in baseline_rounds[0]["seconds_by_part"]
     }
     report = {
