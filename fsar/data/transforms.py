@@ -7,6 +7,7 @@ float32 `[T, 3, crop, crop]`, in one batched pass over all T frames (no per-fram
 - `crop<k>` (k = 0, 1, ...): resize, then a `crop` square at a seeded random position, the same
   position for every frame of the video (seed from `view_seed`, so it is the same in any
   process, rank or order).
+Training clips (`train_augment`) use the releases' random crop and flip instead of a view.
 Values are scaled to [0, 1], then normalised with CLIP's mean/std when `normalize` (the CLIP-SPM
 release feeds un-normalised [0, 1] frames: `normalize=False`).
 """
@@ -89,20 +90,15 @@ def apply_view(
     Returns float32 `[T, 3, crop, crop]` on the frames' device; deterministic in (frames, view,
     prep, seed). `seed` only matters for `crop<k>` views.
     """
-    if isinstance(frames, np.ndarray) and not frames.flags.writeable:
-        frames = frames.copy()  # torch warns on read-only numpy memory
-    video = torch.as_tensor(frames)
-    if video.dtype != torch.uint8 or video.ndim != 4 or video.shape[-1] != 3:
-        raise ValueError(
-            f"frames must be uint8 [T, H, W, 3], got {video.dtype} {tuple(video.shape)}"
-        )
-    video = video.permute(0, 3, 1, 2)  # [T, 3, H, W]
-    video = F.resize(
-        video,
-        [prep.resize],
-        interpolation=INTERPOLATIONS[prep.interpolation],
-        antialias=True,
-    )  # [T, 3, h, w], min(h, w) = resize
+    return to_model_input(crop_view(frames, view, prep, seed), prep.normalize)
+
+
+def crop_view(
+    frames: np.ndarray | torch.Tensor, view: str, prep: Preprocess, seed: int = 0
+) -> torch.Tensor:
+    """The pixels of one view before scaling: uint8 `[T, 3, crop, crop]` (4x smaller than float,
+    so DataLoader workers hand these over and the device does ``to_model_input``)."""
+    video = _resized(frames, prep)  # [T, 3, h, w]
     if view in ("center", "flip"):
         video = F.center_crop(video, [prep.crop, prep.crop])
         if view == "flip":
@@ -112,14 +108,51 @@ def apply_view(
         video = F.crop(video, top, left, prep.crop, prep.crop)
     else:
         raise ValueError(f"unknown view {view!r}; valid: {_VIEW_FORMS}")
-    # The permuted input is channels-last in memory, which the uint8 resize kernels like; the
-    # float math is ~8x faster on a contiguous [T, 3, crop, crop] layout.
-    out = video.contiguous().float().div_(255.0)  # [T, 3, crop, crop] in [0, 1]
-    if prep.normalize:
-        mean = torch.tensor(CLIP_MEAN, device=out.device).view(1, 3, 1, 1)
-        std = torch.tensor(CLIP_STD, device=out.device).view(1, 3, 1, 1)
+    return video.contiguous()
+
+
+def train_augment(
+    frames: np.ndarray | torch.Tensor, prep: Preprocess, generator: torch.Generator, flip: bool
+) -> torch.Tensor:
+    """The releases' training transform: resize, one random crop position for all frames of the
+    video, and (when ``flip``) a mirror with probability 1/2. Draws 3 numbers from
+    ``generator`` whatever ``flip`` is. Returns uint8 `[T, 3, crop, crop]`."""
+    video = _resized(frames, prep)
+    height, width = video.shape[-2:]
+    draws = torch.rand(3, generator=generator, dtype=torch.float64)
+    top = min(int(draws[0] * (height - prep.crop + 1)), height - prep.crop)
+    left = min(int(draws[1] * (width - prep.crop + 1)), width - prep.crop)
+    video = F.crop(video, top, left, prep.crop, prep.crop)
+    if flip and draws[2] < 0.5:
+        video = F.horizontal_flip(video)
+    return video.contiguous()
+
+
+def to_model_input(pixels: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """uint8 `[..., 3, H, W]` -> float32 in [0, 1], then CLIP mean/std when ``normalize``."""
+    out = pixels.float().div_(255.0)
+    if normalize:
+        mean = torch.tensor(CLIP_MEAN, device=out.device).view(3, 1, 1)
+        std = torch.tensor(CLIP_STD, device=out.device).view(3, 1, 1)
         out = out.sub_(mean).div_(std)
     return out
+
+
+def _resized(frames: np.ndarray | torch.Tensor, prep: Preprocess) -> torch.Tensor:
+    """uint8 [T, H, W, 3] -> uint8 [T, 3, h, w] with min(h, w) = prep.resize (antialiased)."""
+    if isinstance(frames, np.ndarray) and not frames.flags.writeable:
+        frames = frames.copy()  # torch warns on read-only numpy memory
+    video = torch.as_tensor(frames)
+    if video.dtype != torch.uint8 or video.ndim != 4 or video.shape[-1] != 3:
+        raise ValueError(
+            f"frames must be uint8 [T, H, W, 3], got {video.dtype} {tuple(video.shape)}"
+        )
+    # The permuted input is channels-last in memory, which the uint8 resize kernels like; the
+    # float math is ~8x faster on a contiguous [T, 3, crop, crop] layout (crop_view's output).
+    video = video.permute(0, 3, 1, 2)
+    return F.resize(
+        video, [prep.resize], interpolation=INTERPOLATIONS[prep.interpolation], antialias=True
+    )
 
 
 def _crop_position(size: Sequence[int], crop: int, seed: int) -> tuple[int, int]:
