@@ -218,6 +218,41 @@ class EvalConfig:
     )
     out: str | None = _f(None, "result JSON to write (default: beside the checkpoint)")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
+    decode: bool = _f(
+        False,
+        "score an fsar finetune checkpoint on videos decoded from dataset.root, every episode "
+        "through its encoder (the releases' way), instead of on a store",
+    )
+
+
+@dataclass
+class FinetuneConfig:
+    """End-to-end fine-tuning (``fsar finetune``); the loop itself reads ``train.*``."""
+
+    backbone_lr: float | None = _f(
+        None,
+        "learning rate of the visual encoder (null = train.lr: one Adam over every parameter, "
+        "as the releases)",
+    )
+    grad_checkpointing: bool = _f(
+        False, "recompute encoder activations in the backward pass (less memory, more compute)"
+    )
+    freeze_blocks: int = _f(
+        0, "freeze the stem and the first k encoder blocks (ViT blocks, ResNet stages)"
+    )
+    episode_batch: int = _f(
+        1, "episodes per forward pass through the encoder (memory grows with it)"
+    )
+    workers: int = _f(2, "DataLoader decode workers per process")
+    prefetch: int = _f(2, "episodes each decode worker prepares ahead")
+    flip: bool | None = _f(
+        None, "random horizontal flip of training clips (null: on, except on SSv2)"
+    )
+    validation: Literal["cached", "decoded"] = _f(
+        "cached",
+        "cached: encode each validation video once into an in-memory bank, then score the "
+        "episodes (a store's numbers); decoded: decode and encode every episode (the releases)",
+    )
 
 
 @dataclass
@@ -238,6 +273,7 @@ class Config:
     episodes: EpisodeConfig = field(default_factory=EpisodeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     ablate: AblateConfig = field(default_factory=AblateConfig)
 
 
@@ -422,17 +458,27 @@ def validate_experiment(config: Config) -> None:
     ):
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
+    ft = config.finetune
+    for key, value in (
+        ("finetune.episode_batch", ft.episode_batch),
+        ("finetune.prefetch", ft.prefetch),
+    ):
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+    for key, value in (
+        ("finetune.freeze_blocks", ft.freeze_blocks),
+        ("finetune.workers", ft.workers),
+    ):
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+    if ft.backbone_lr is not None and ft.backbone_lr < 0:
+        raise ConfigError(f"finetune.backbone_lr must be >= 0 or null, got {ft.backbone_lr}")
     if ep.way < 2:
         raise ConfigError(
             f"episodes.way must be >= 2 (a 1-way episode has nothing to tell apart), got {ep.way}"
         )
     if pr.train_shot is not None and pr.train_shot < 1:
         raise ConfigError(f"protocol.train_shot must be >= 1 or null, got {pr.train_shot}")
-    if tr.tasks_per_batch % tr.episode_batch:
-        raise ConfigError(
-            f"train.tasks_per_batch ({tr.tasks_per_batch}) must be a multiple of "
-            f"train.episode_batch ({tr.episode_batch})"
-        )
     if len(tr.betas) != 2 or not all(0 <= b < 1 for b in tr.betas):
         raise ConfigError(f"train.betas must be two numbers in [0, 1), got {tr.betas}")
     if tr.lr <= 0:
@@ -452,6 +498,17 @@ def validate_experiment(config: Config) -> None:
                 f"ablate.grid key {key!r}: only head.*, protocol.* and train.* can vary "
                 "(the store and the evaluation episodes stay fixed)"
             )
+
+
+def check_head_batching(config: Config) -> None:
+    """train-heads runs tasks_per_batch episodes as micro-batches of train.episode_batch
+    (fsar finetune uses finetune.episode_batch instead, checked per process count)."""
+    tr = config.train
+    if tr.tasks_per_batch % tr.episode_batch:
+        raise ConfigError(
+            f"train.tasks_per_batch ({tr.tasks_per_batch}) must be a multiple of "
+            f"train.episode_batch ({tr.episode_batch})"
+        )
 
 
 def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fsar.config import Config, ConfigError, with_overrides
+from fsar.config import Config, ConfigError, check_head_batching, with_overrides
 from fsar.pipelines.evaluate import EvalOutcome, compare
 from fsar.pipelines.run_eval import run_evaluation
 from fsar.pipelines.train import train_heads
@@ -60,6 +60,8 @@ def run_ablation(config: Config, progress: bool = True) -> Path:
         )
         for point in points
     ]
+    for point_config in configs:
+        check_head_batching(point_config)
     rows = []
     for point, point_config in zip(points, configs, strict=True):
         if progress:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from fsar.cache import open_store
 from fsar.cache.bank import FeatureBank, load_bank
-from fsar.config import Config, ConfigError, to_dict
+from fsar.config import Config, ConfigError, check_head_batching, to_dict
 from fsar.devices import resolve_device
 from fsar.heads import FewShotHead, episode_loss
 from fsar.pipelines.build import aux_weights, build_head, episode_tensors, hsmr_layer
@@ -59,6 +59,7 @@ def train_shape(config: Config) -> EpisodeShape:
 def train_heads(config: Config, progress: bool = True) -> TrainResult:
     """Train (or resume training) ``config.head`` on ``config.train.store``."""
     tr = config.train
+    check_head_batching(config)
     if not tr.store:
         raise ConfigError("train.store is not set: pass --store STORE (from fsar extract)")
     if not tr.out:
