@@ -108,7 +108,12 @@ def build_encoder(spec: EncoderSpec, device: str | torch.device = "cpu", layers=
     """Resolve the weights, build the open_clip model, load weights, attach layer taps."""
     _check_sources(spec)
     quick_gelu = spec.quick_gelu
-    if quick_gelu is None:
+    tuned = fine_tuned_encoder(spec.checkpoint) if spec.checkpoint else None
+    if tuned is not None:
+        check_fine_tuned_base(spec, tuned)
+    if quick_gelu is None and tuned is not None:
+        quick_gelu = bool(tuned["quick_gelu"])
+    elif quick_gelu is None:
         quick_gelu = spec.pretrained == "openai" or bool(spec.checkpoint)
     pretrained = spec.pretrained or spec.weights
     torch.manual_seed(RANDOM_INIT_SEED)
@@ -146,14 +151,53 @@ def build_encoder(spec: EncoderSpec, device: str | torch.device = "cpu", layers=
     )
 
 
+# The format tag of fsar checkpoints (fsar.pipelines.checkpoint.FORMAT); fine-tuning ones carry
+# the visual encoder under "visual" and how it was built under "encoder".
+FSAR_CHECKPOINT_FORMAT = "fsar-heads/1"
+
+
+def fine_tuned_encoder(path: str | Path) -> dict | None:
+    """The ``encoder`` record of an fsar fine-tuning checkpoint (model, base weights, quick_gelu),
+    or None for any other checkpoint."""
+    raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # reads the record
+    if isinstance(raw, dict) and raw.get("format") == FSAR_CHECKPOINT_FORMAT:
+        if "visual" not in raw:
+            raise EncoderError(
+                f"{path} is an fsar head checkpoint from `fsar train` (frozen features): it "
+                "holds no encoder; pass a checkpoint from `fsar finetune`"
+            )
+        return raw["encoder"]
+    return None
+
+
+def check_fine_tuned_base(spec: EncoderSpec, tuned: dict) -> None:
+    """The architecture and text-encoder weights must be those the fine-tuning started from:
+    the class text of the re-extracted store is what the head was trained against."""
+    if spec.model != tuned["model"]:
+        raise EncoderError(
+            f"{spec.checkpoint} fine-tuned {tuned['model']}, not {spec.model}: pass --model "
+            f"{tuned['model']}"
+        )
+    base = weights_id(EncoderSpec(spec.model, spec.pretrained, spec.weights))
+    if base != tuned["text_weights"]:
+        raise EncoderError(
+            f"{spec.checkpoint} was fine-tuned from weights {tuned['text_weights']}, but this "
+            f"run's text encoder would come from {base}: pass the same --pretrained / --weights "
+            "as the fine-tuning run"
+        )
+
+
 def visual_state_from_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """The visual-encoder weights inside an official (or fsar) checkpoint, keys as open_clip's.
 
     The releases save ``{'model_state_dict': ...}`` whose ``backbone.*`` keys are the OpenAI CLIP
     visual encoder (``backbone.module.*`` when saved from DataParallel). fsar fine-tuning
-    checkpoints store ``visual.*`` keys. Read with ``weights_only=True``: never unpickle code.
+    checkpoints hold the encoder's state dict under ``visual``. Read with ``weights_only=True``:
+    never unpickle code.
     """
     raw = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(raw, dict) and raw.get("format") == FSAR_CHECKPOINT_FORMAT and "visual" in raw:
+        return dict(raw["visual"])
     state = (
         raw.get("model_state_dict", raw.get("state_dict", raw)) if isinstance(raw, dict) else None
     )

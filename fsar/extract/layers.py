@@ -49,14 +49,21 @@ class LayerTaps:
             )
         self.names = tuple(names)
         self._captured: dict[str, torch.Tensor] = {}
-        for name in self.names:
-            _module_for(visual, name).register_forward_hook(self._hook(name))
+        self._handles = [
+            _module_for(visual, name).register_forward_hook(self._hook(name)) for name in self.names
+        ]
 
     def _hook(self, name: str):
         def store(_module, _inputs, output):
             self._captured[name] = _pool(name, output)
 
         return store
+
+    def remove(self) -> None:
+        """Detach the hooks (the model then runs as if never tapped)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._captured = [], {}
 
     def pop(self) -> dict[str, torch.Tensor]:
         captured, self._captured = self._captured, {}

@@ -144,11 +144,12 @@ def episode_tensors(
         extras["support_shallow"] = frames(episodes.support, layer)
         extras["query_shallow"] = frames(episodes.query, layer)
     if training and config.name == "clipfsar" and text_classes is not None:
-        lookup = torch.full((len(bank.class_text),), -1, dtype=torch.long, device=device)
-        lookup[text_classes.to(device)] = torch.arange(len(text_classes), device=device)
-        extras["support_class_ids"] = lookup[bank.class_ids[episodes.support]]
-        extras["query_class_ids"] = lookup[bank.class_ids[episodes.query]]
-        extras["text_table"] = bank.class_text[text_classes.to(device)]
+        extras |= video_text_inputs(
+            bank.class_text,
+            text_classes,
+            bank.class_ids[episodes.support],
+            bank.class_ids[episodes.query],
+        )
     return EpisodeTensors(
         support=frames(episodes.support),
         support_labels=episodes.support_labels,
@@ -157,3 +158,22 @@ def episode_tensors(
         class_text=bank.class_text[episodes.classes],
         extras=extras,
     )
+
+
+def video_text_inputs(
+    class_text: torch.Tensor,
+    text_classes: torch.Tensor,
+    support_class_ids: torch.Tensor,
+    query_class_ids: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """CLIP-FSAR's training inputs: the text table of the training classes and, per video, its
+    row in that table. class_text [C, D]; text_classes long [C_train] dataset ids; the class ids
+    are dataset ids of the episode's videos ([B, S], [B, Q])."""
+    device = class_text.device
+    lookup = torch.full((len(class_text),), -1, dtype=torch.long, device=device)
+    lookup[text_classes.to(device)] = torch.arange(len(text_classes), device=device)
+    return {
+        "support_class_ids": lookup[support_class_ids.to(device)],
+        "query_class_ids": lookup[query_class_ids.to(device)],
+        "text_table": class_text[text_classes.to(device)],
+    }
