@@ -53,6 +53,23 @@ EVAL_FLAGS = {
     "shot": "episodes.shot",
     "out": "eval.out",
     "device": "eval.device",
+    "decode": "eval.decode",
+    "root": "dataset.root",
+}
+FINETUNE_FLAGS = {
+    "dataset": "dataset.name",
+    "root": "dataset.root",
+    "variant": "dataset.variant",
+    "model": "model.name",
+    "pretrained": "model.pretrained",
+    "weights": "model.weights",
+    "checkpoint": "model.checkpoint",
+    "out": "train.out",
+    "head": "head.name",
+    "way": "episodes.way",
+    "shot": "episodes.shot",
+    "steps": "train.steps",
+    "device": "train.device",
 }
 ABLATE_FLAGS = {
     "dataset": "dataset.name",
@@ -68,6 +85,7 @@ COMMAND_FLAGS = {
     "extract": EXTRACT_FLAGS,
     "train": TRAIN_FLAGS,
     "eval": EVAL_FLAGS,
+    "finetune": FINETUNE_FLAGS,
     "ablate": ABLATE_FLAGS,
 }
 
@@ -164,7 +182,33 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", choices=["train", "val", "test"])
     ev.add_argument("--episodes", type=int, help="evaluation episodes (default 10000)")
     ev.add_argument("--out", help="result JSON (default: beside the checkpoint)")
+    ev.add_argument(
+        "--decode",
+        action="store_const",
+        const="true",
+        help="finetune checkpoints: decode the videos under --root instead of reading a store",
+    )
+    ev.add_argument("--root", help="local copy of the dataset (with --decode)")
     _add_config_args(ev)
+
+    ft = _add_config_command(
+        sub,
+        "finetune",
+        "train the CLIP visual encoder and a head end to end on decoded videos (torchrun: DDP)",
+        config_help,
+    )
+    _add_experiment_args(ft)
+    ft.add_argument("--root", help="local copy of the dataset (videos or JPEG frame folders)")
+    ft.add_argument("--variant", help="split-list variant (default per benchmark)")
+    ft_weights = ft.add_mutually_exclusive_group()
+    ft_weights.add_argument("--pretrained", help="open_clip pretrained tag (e.g. openai)")
+    ft_weights.add_argument("--weights", help="local CLIP weights file")
+    ft.add_argument(
+        "--checkpoint", help="official CLIP-SPM/CLIP-FSAR checkpoint: initial visual encoder"
+    )
+    ft.add_argument("--out", help="run directory (checkpoints, metrics, TensorBoard)")
+    ft.add_argument("--steps", type=int, help="optimizer steps")
+    _add_config_args(ft)
 
     ablate = sub.add_parser("ablate", help="train and evaluate a grid of head settings")
     _add_experiment_args(ablate)
@@ -261,6 +305,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return commands.train(config_from_args(args))
     if args.command == "eval":
         return commands.evaluate(config_from_args(args), args.compare)
+    if args.command == "finetune":
+        return commands.finetune(config_from_args(args))
     if args.command == "ablate":
         return commands.ablate(config_from_args(args))
     if args.command == "report":

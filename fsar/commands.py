@@ -85,6 +85,24 @@ def train(config: Config) -> int:
     return 0
 
 
+def finetune(config: Config) -> int:
+    from fsar.pipelines.finetune import finetune as run_finetune
+
+    result = run_finetune(config)
+    if result.rank != 0:  # under torchrun only rank 0 reports
+        return 0
+    best = f"{result.best_accuracy:.2f}" if result.best_step >= 0 else "-"
+    resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from else ""
+    print(
+        f"fine-tuned {config.model.name} + {config.head.name} for {result.steps} steps on "
+        f"{result.world_size} process(es){resumed}; best {config.protocol.selection_split} "
+        f"accuracy {best} at step {result.best_step} -> {result.out / 'best.pt'}\n"
+        f"score it on a store: fsar extract --checkpoint {result.out / 'best.pt'} ... then "
+        "fsar eval --checkpoint on that store"
+    )
+    return 0
+
+
 def evaluate(config: Config, compare_paths: list[str] | None) -> int:
     from fsar.pipelines.evaluate import compare
     from fsar.pipelines.run_eval import format_result, run_evaluation

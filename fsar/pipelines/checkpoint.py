@@ -65,15 +65,37 @@ def encoder_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
     return {key: recipe.get(key) for key in ENCODER_KEYS}
 
 
-def check_store_fits(checkpoint: dict[str, Any], recipe: dict[str, Any], store: Path) -> None:
-    """Refuse a store whose encoder or preprocessing differs from the training store's."""
-    trained = checkpoint["store"]["encoder"]
+def expected_encoder(checkpoint: dict[str, Any], path: Path | str) -> dict[str, Any]:
+    """The encoder recipe of the stores this checkpoint's head can be scored on.
+
+    Frozen-feature runs: their training store's. Fine-tuning runs: a store re-extracted with
+    ``--checkpoint path``, whose weights id names the base weights and this file's sha256.
+    """
+    trained = dict(checkpoint["store"]["encoder"])
+    if checkpoint.get("regime") == "e2e":
+        from fsar.extract.encoders import file_sha256
+
+        trained["weights"] = (
+            f"{checkpoint['encoder']['text_weights']}"
+            f"+visual-from-checkpoint-sha256:{file_sha256(path)}"
+        )
+    return trained
+
+
+def check_store_fits(
+    checkpoint: dict[str, Any], recipe: dict[str, Any], store: Path, path: Path | str
+) -> None:
+    """Refuse a store whose encoder or preprocessing differs from the one the head saw."""
+    trained = expected_encoder(checkpoint, path)
     here = encoder_recipe(recipe)
     diff = {k: (trained[k], here[k]) for k in ENCODER_KEYS if trained.get(k) != here.get(k)}
     if diff:
         lines = ", ".join(f"{k}: trained {a!r} vs store {b!r}" for k, (a, b) in diff.items())
+        if checkpoint.get("regime") == "e2e":
+            fix = f"re-extract it with `fsar extract --checkpoint {path}` (same model and weights)"
+        else:
+            fix = f"evaluate on a store extracted like {checkpoint['store']['path']}"
         raise CheckpointError(
-            f"{store} was extracted with another encoder or preprocessing than the store this "
-            f"head was trained on ({lines}); evaluate on a store extracted like "
-            f"{checkpoint['store']['path']}"
+            f"{store} was extracted with another encoder or preprocessing than the one this "
+            f"head was trained with ({lines}); {fix}"
         )

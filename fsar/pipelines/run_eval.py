@@ -68,17 +68,22 @@ def run_evaluation(
     """Evaluate; returns the result record (also written to eval.out) and the raw outcome."""
     ev = config.eval
     checkpoint = checkpoint if checkpoint is not None else ev.checkpoint
+    if ev.decode:
+        return run_decoded_evaluation(config, checkpoint)
     device = resolve_device(ev.device)
     store_path = ev.store or config.train.store
     if not store_path and checkpoint:
         store_path = load_checkpoint(checkpoint)["store"]["path"]
     if not store_path:
-        raise ConfigError("eval.store is not set: pass --store STORE")
+        raise ConfigError(
+            "eval.store is not set: pass --store STORE (for a fsar finetune checkpoint: a store "
+            "re-extracted with --checkpoint, or --decode --root VIDEOS)"
+        )
     store = open_store(Path(store_path))
     bank = load_bank(store, ev.split, device, ["center"], [])
     source = load_head_source(config, checkpoint, device, bank)
     if source.checkpoint is not None:
-        check_store_fits(source.checkpoint, store.recipe, store.path)
+        check_store_fits(source.checkpoint, store.recipe, store.path, checkpoint)
     shape = EpisodeShape(config.episodes.way, config.episodes.shot, config.episodes.query)
     episodes = fixed_episodes(bank, shape, ev.episodes, ev.seed)
     setup = EvalSetup(
@@ -88,6 +93,101 @@ def run_evaluation(
     result = result_record(config, store, bank, setup, source, outcome, checkpoint)
     out = result_path(config, checkpoint, shape)
     write_result(result, outcome, bank.class_names, out)
+    result["path"] = str(out)
+    return result, outcome
+
+
+def regime_of(payload: dict[str, Any] | None, decoded: bool) -> str:
+    """How the number was produced: frozen features, or a fine-tuned encoder (scored on its
+    re-extracted store, or on decoded videos)."""
+    if payload is None or payload.get("regime") != "e2e":
+        return "frozen cache"
+    return "e2e, decoded" if decoded else "e2e, re-extracted store"
+
+
+def run_decoded_evaluation(config: Config, checkpoint: str | None) -> tuple[dict, EvalOutcome]:
+    """``fsar eval --decode``: a finetune checkpoint scored on decoded videos of dataset.root."""
+    from fsar.data.datasets import load_dataset
+    from fsar.pipelines.clips import video_split
+    from fsar.pipelines.e2e_eval import evaluate_decoded
+    from fsar.pipelines.finetune import load_video_model
+
+    ev = config.eval
+    if not checkpoint:
+        raise ConfigError("eval.decode needs --checkpoint (best.pt / last.pt of fsar finetune)")
+    payload = load_checkpoint(checkpoint)
+    if payload.get("regime") != "e2e":
+        raise ConfigError(
+            f"{checkpoint} holds no encoder (fsar train on frozen features): score it on a "
+            "store, without --decode"
+        )
+    if not config.dataset.root:
+        raise ConfigError("eval.decode needs the videos: pass --root DIR")
+    trained = build_dataclass(Config, payload["config"], "")
+    device = resolve_device(ev.device)
+    dataset = load_dataset(
+        trained.dataset.name,
+        Path(config.dataset.root),
+        variant=trained.dataset.variant,
+        splits_dir=Path(config.dataset.splits_dir) if config.dataset.splits_dir else None,
+        splits=[ev.split],
+    )
+    setup = load_video_model(payload, dataset.class_names, device)
+    videos = video_split(dataset, ev.split)
+    shape = EpisodeShape(config.episodes.way, config.episodes.shot, config.episodes.query)
+    episodes = fixed_episodes(videos, shape, ev.episodes, ev.seed)
+    outcome = evaluate_decoded(
+        setup.model,
+        videos,
+        episodes,
+        setup.class_text,
+        setup.policy,
+        setup.prep,
+        workers=trained.finetune.workers,
+        bf16=trained.train.bf16,
+        backend=trained.extract.decode_backend,
+        progress=True,
+    )
+    head_config, protocol = trained.head, trained.protocol
+    result = {
+        "kind": RESULT_KIND,
+        "label": head_config.name,
+        "head": head_config.name,
+        "regime": regime_of(payload, decoded=True),
+        "backbone": payload["encoder"]["model"],
+        "weights": payload["encoder"]["initial_weights"] + " (fine-tuned)",
+        "dataset": trained.dataset.name,
+        "variant": dataset.variant,
+        "split": ev.split,
+        "way": shape.way,
+        "shot": shape.shot,
+        "query": shape.query,
+        "episodes": len(episodes),
+        "episodes_sha256": episodes.digest(),
+        "seed": ev.seed,
+        "accuracy": outcome.accuracy,
+        "ci95": outcome.ci95,
+        "std": outcome.std,
+        "protocol": to_dict(protocol),
+        "selection": {
+            "split": protocol.selection_split,
+            "step": payload["best_step"],
+            "accuracy": payload["best_accuracy"],
+        },
+        "checkpoint": str(checkpoint),
+        "official": None,
+        "run_dir": str(Path(checkpoint).parent),
+        "store": None,
+        "videos": {"root": config.dataset.root, "count": len(videos), "missing": videos.skipped},
+        "per_class": {
+            name: float(100.0 * outcome.confusion[i, i] / outcome.confusion[i].sum())
+            for i, name in enumerate(dataset.class_names)
+            if outcome.confusion[i].sum()
+        },
+    }
+    name = f"eval_decoded_{ev.split}_{shape.way}way_{shape.shot}shot.json"
+    out = Path(ev.out) if ev.out else Path(checkpoint).parent / name
+    write_result(result, outcome, dataset.class_names, out)
     result["path"] = str(out)
     return result, outcome
 
@@ -122,7 +222,7 @@ def result_record(
         "kind": RESULT_KIND,
         "label": source.label,
         "head": source.head_config.name,
-        "regime": "frozen cache",
+        "regime": regime_of(payload, decoded=False),
         "backbone": recipe.get("model"),
         "weights": recipe.get("weights"),
         "dataset": recipe.get("dataset"),

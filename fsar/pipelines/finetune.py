@@ -1,0 +1,526 @@
+"""``fsar finetune``: the full-backbone recipe, encoder and head trained together (SPEC 6).
+
+One optimizer step = ``train.tasks_per_batch`` episodes (one global batch). Under ``torchrun``
+each of the W ranks runs tasks_per_batch / W of them, ``finetune.episode_batch`` per forward,
+accumulating gradients with DDP's all-reduce on the last micro-batch only; the loss of every
+episode is scaled so that W ranks give the gradient one process gets accumulating all of them.
+Episodes, frame jitter, crops, flips and dropout masks are all seeded by (train.seed, global task
+index), so W ranks train on exactly the episodes one process would, and a killed run resumed
+from ``last.pt`` continues exactly.
+
+Checkpoints (rank 0, atomic) are fsar head checkpoints that also hold the encoder (``visual``):
+``fsar eval --decode`` scores them on decoded videos, ``fsar extract --checkpoint`` re-encodes a
+dataset with the encoder so that ``fsar eval`` scores them on the store.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from fsar.config import Config, ConfigError, build_dataclass, to_dict
+from fsar.data.datasets import load_dataset
+from fsar.data.frames import FramePolicy, parse_frame_policy
+from fsar.data.transforms import Preprocess
+from fsar.devices import resolve_device
+from fsar.extract.distributed import DistContext, barrier, init_distributed
+from fsar.extract.encoders import EncoderSpec, build_encoder, weights_id
+from fsar.extract.layers import LayerTaps
+from fsar.extract.prompts import encode_class_names, resolve_templates
+from fsar.extract.runner import cpu_threads_beside_workers, encoder_spec
+from fsar.heads import episode_loss
+from fsar.pipelines.backbone import VideoModel, enable_grad_checkpointing, freeze_first_blocks
+from fsar.pipelines.build import aux_weights, build_head, hsmr_layer, video_text_inputs
+from fsar.pipelines.checkpoint import load_checkpoint, save_checkpoint
+from fsar.pipelines.clips import (
+    TrainEpisodes,
+    VideoSplit,
+    collate_episodes,
+    task_seed,
+    video_split,
+)
+from fsar.pipelines.e2e_eval import autocast_for, evaluate_cached, evaluate_decoded
+from fsar.pipelines.episodes import EpisodeSampler, EpisodeShape, fixed_episodes
+from fsar.pipelines.train import MetricLogger, RunState, TrainingDiverged, train_shape
+
+REGIME = "e2e"
+# Config sections that must agree between a run and the last.pt it resumes.
+RESUME_SECTIONS = ("dataset", "model", "extract", "head", "protocol", "episodes", "train")
+
+
+class FinetuneOutOfMemory(RuntimeError):
+    """The device ran out of memory; the message lists the settings that lower memory."""
+
+
+@dataclass
+class FinetuneResult:
+    out: Path
+    steps: int
+    best_step: int
+    best_accuracy: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from: int = 0
+    world_size: int = 1
+    rank: int = 0
+
+
+@dataclass
+class Setup:
+    """Everything built from the config before the loop (shared with ``fsar eval --decode``)."""
+
+    model: VideoModel
+    class_text: torch.Tensor  # float32 [C, D] on the device, mean over prompt templates
+    prep: Preprocess
+    policy: FramePolicy  # test frames (reference_test over the source video)
+    spec: EncoderSpec
+    encoder_record: dict[str, Any]
+    layer_dims: dict[str, int]
+
+
+def evaluation_policy(config: Config) -> FramePolicy:
+    ex = config.extract
+    return parse_frame_policy("reference_test", seq_len=ex.seq_len, min_frames=ex.min_frames)
+
+
+def build_video_model(config: Config, class_names, device: torch.device) -> Setup:
+    """The open_clip encoder (weights as ``fsar extract`` loads them) + a fresh head.
+
+    The class text is encoded once with the (frozen) text tower, which is then dropped: the
+    store's ``classes/text`` is computed the same way, so re-extracted stores match.
+    """
+    ex = config.extract
+    spec = encoder_spec(config)
+    encoder = build_encoder(spec, device=device)
+    templates = resolve_templates(ex.prompts)
+    with torch.no_grad():
+        class_text = encode_class_names(encoder.model, encoder.tokenizer, class_names, templates)
+    class_text = class_text.mean(dim=1).to(device)
+    visual = encoder.model.visual
+    crop = ex.crop or encoder.image_size
+    prep = Preprocess(
+        resize=ex.resize or round(crop * 256 / 224), crop=crop, normalize=ex.normalize
+    )
+    shallow = hsmr_layer(config.head)
+    layer_dims = probe_layer_dims(visual, shallow, crop, device)
+    torch.manual_seed(config.train.seed)  # the head's initial weights
+    head = build_head(config.head, encoder.embed_dim, layer_dims)
+    model = VideoModel(visual, head, prep.normalize, shallow).to(device)
+    record = {
+        "model": spec.model,
+        "pretrained": spec.pretrained,
+        "weights": spec.weights,
+        "initial_weights": encoder.weights_id,
+        # what a re-extraction's text encoder must come from (the checkpoint holds the visual)
+        "text_weights": weights_id(EncoderSpec(spec.model, spec.pretrained, spec.weights)),
+        "quick_gelu": encoder.quick_gelu,
+        "image_size": encoder.image_size,
+        "resize": prep.resize,
+        "crop": prep.crop,
+        "normalize": prep.normalize,
+    }
+    return Setup(model, class_text, prep, evaluation_policy(config), spec, record, layer_dims)
+
+
+def load_video_model(payload: dict[str, Any], class_names, device: torch.device) -> Setup:
+    """The encoder and head of a finetune checkpoint, rebuilt as the run built them."""
+    config = build_dataclass(Config, payload["config"], "")
+    # the encoder's weights come from the checkpoint: skip the run's initial visual weights
+    config = replace(config, model=replace(config.model, checkpoint=None))
+    setup = build_video_model(config, class_names, device)
+    if setup.encoder_record["text_weights"] != payload["encoder"]["text_weights"]:
+        raise ConfigError(
+            f"the text encoder now resolves to {setup.encoder_record['text_weights']}, the run "
+            f"used {payload['encoder']['text_weights']}: restore the run's model.weights file"
+        )
+    setup.model.visual.load_state_dict(payload["visual"])
+    setup.model.head.load_state_dict(payload["head"])
+    return setup
+
+
+@torch.no_grad()
+def probe_layer_dims(visual, layer: str | None, crop: int, device) -> dict[str, int]:
+    if layer is None:
+        return {}
+    taps = LayerTaps(visual, [layer])
+    visual(torch.zeros(1, 3, crop, crop, device=device))
+    dims = {name: int(value.shape[-1]) for name, value in taps.pop().items()}
+    taps.remove()
+    return dims
+
+
+def finetune(config: Config, progress: bool = True) -> FinetuneResult:
+    """Fine-tune (or resume fine-tuning) the encoder and head of ``config``."""
+    tr, ft, ex = config.train, config.finetune, config.extract
+    if not config.dataset.root:
+        raise ConfigError("dataset.root is not set: pass --root DIR (the local copy of the videos)")
+    if not tr.out:
+        raise ConfigError("train.out is not set: pass --out RUN_DIR")
+    dist = init_distributed()
+    local_tasks = tasks_per_rank(tr.tasks_per_batch, dist.world_size, ft.episode_batch)
+    device = resolve_device(tr.device)
+    if device.type == "cuda" and dist.world_size > 1:
+        device = torch.device("cuda", dist.local_rank)
+    out = Path(tr.out)
+    selection = config.protocol.selection_split
+    dataset = load_dataset(
+        config.dataset.name,
+        Path(config.dataset.root),
+        variant=config.dataset.variant,
+        splits_dir=Path(config.dataset.splits_dir) if config.dataset.splits_dir else None,
+        splits=sorted({"train", selection}),
+    )
+    train_videos, select_videos = video_split(dataset, "train"), video_split(dataset, selection)
+    sampler = EpisodeSampler(
+        train_videos,
+        train_shape(config),
+        ("episodes.way", "protocol.train_shot (default episodes.shot)", "protocol.train_query"),
+    )
+    test_shape = EpisodeShape(config.episodes.way, config.episodes.shot, config.episodes.query)
+    select_episodes = fixed_episodes(select_videos, test_shape, tr.val_episodes, config.eval.seed)
+    setup = build_video_model(config, dataset.class_names, device)
+    model = setup.model
+    frozen = freeze_first_blocks(model.visual, ft.freeze_blocks)
+    if ft.grad_checkpointing:
+        enable_grad_checkpointing(model.visual)
+    optimizer = build_optimizer(model, config)
+    record = run_record(config, setup, dataset, train_videos, select_episodes, dist, frozen)
+    state = RunState()
+    last = out / "last.pt"
+    if tr.resume and last.exists():
+        state = resume(last, model, optimizer, record)
+    elif out.exists() and any(out.glob("*.pt")) and not tr.resume:
+        raise ConfigError(
+            f"{out} already holds checkpoints: pick a new --out or set train.resume=true"
+        )
+    if dist.rank == 0:
+        if state.step:
+            MetricLogger.drop_after(out, state.step)  # lines a killed run wrote past last.pt
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(record, indent=2) + "\n")
+    barrier(dist)
+    trained = (
+        DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=True,  # heads skip some parameters on some episodes
+        )
+        if dist.world_size > 1
+        else model
+    )
+    flip = ft.flip if ft.flip is not None else not config.dataset.name.startswith("ssv2")
+    episodes = TrainEpisodes(
+        train_videos, sampler, tr.seed, ex.seq_len, setup.prep, flip, ex.decode_backend
+    )
+    my_tasks = [
+        step * tr.tasks_per_batch + dist.rank * local_tasks + i
+        for step in range(state.step, tr.steps)
+        for i in range(local_tasks)
+    ]
+    loader = DataLoader(
+        episodes,
+        batch_size=ft.episode_batch,
+        sampler=my_tasks,
+        num_workers=ft.workers,
+        collate_fn=collate_episodes,
+        prefetch_factor=ft.prefetch if ft.workers else None,
+        pin_memory=device.type == "cuda",
+    )
+    train_classes = torch.unique(train_videos.class_ids)
+    logger = MetricLogger(out, enabled=dist.rank == 0)
+    show = progress and dist.rank == 0
+    bar = tqdm(total=tr.steps, initial=state.step, unit="step", desc="finetune", disable=not show)
+    micro_batches = local_tasks // ft.episode_batch
+    batches = iter(loader)
+    started, episodes_done = time.perf_counter(), 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with cpu_threads_beside_workers(device, ft.workers):
+        while state.step < tr.steps:
+            trained.train()
+            optimizer.zero_grad(set_to_none=True)
+            totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, queries
+            try:
+                for micro in range(micro_batches):
+                    batch = next(batches)
+                    sync = micro == micro_batches - 1 or dist.world_size == 1
+                    context = trained.no_sync() if not sync else nullcontext()
+                    with context:
+                        totals += train_micro_batch(
+                            trained, batch, setup.class_text, train_classes, config, device,
+                            scale=ft.episode_batch / local_tasks,
+                        )  # fmt: skip
+            except RuntimeError as err:  # torch.OutOfMemoryError is one
+                if not is_out_of_memory(err):
+                    raise
+                raise FinetuneOutOfMemory(oom_message(config, device)) from err
+            optimizer.step()
+            state.step += 1
+            if dist.world_size > 1:
+                torch_dist.all_reduce(totals)
+            episodes_done += tr.tasks_per_batch
+            rate = episodes_done / max(time.perf_counter() - started, 1e-9)
+            metrics = {
+                "step": state.step,
+                "loss": float(totals[0] / tr.tasks_per_batch),
+                "train_accuracy": float(100.0 * totals[1] / totals[2]),
+                "episodes_per_s": rate,
+            }
+            if device.type == "cuda":
+                metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", eps=f"{rate:.2f}")
+            if state.step % tr.log_every == 0 and dist.rank == 0:
+                logger.log("train", metrics)
+            if state.step % tr.val_every == 0 or state.step == tr.steps:
+                if dist.rank == 0:
+                    validate_and_save(
+                        model, optimizer, setup, select_videos, select_episodes, state, record,
+                        out, logger, config, show,
+                    )  # fmt: skip
+                barrier(dist)
+    bar.close()
+    logger.close()
+    return FinetuneResult(
+        out,
+        state.step,
+        state.best_step,
+        state.best_accuracy,
+        state.history,
+        state.resumed_from,
+        dist.world_size,
+        dist.rank,
+    )
+
+
+def tasks_per_rank(tasks_per_batch: int, world_size: int, episode_batch: int) -> int:
+    if tasks_per_batch % world_size:
+        raise ConfigError(
+            f"train.tasks_per_batch ({tasks_per_batch}) must be a multiple of the number of "
+            f"processes ({world_size}): each rank runs an equal share of the global batch"
+        )
+    local = tasks_per_batch // world_size
+    if local % episode_batch:
+        raise ConfigError(
+            f"each of the {world_size} process(es) runs {local} episodes per step, not a "
+            f"multiple of finetune.episode_batch ({episode_batch}): change one of them"
+        )
+    return local
+
+
+def train_micro_batch(
+    model, batch, class_text, train_classes, config: Config, device, scale: float
+) -> torch.Tensor:
+    """Forward + backward of one micro-batch; returns (loss * episodes, correct, queries)."""
+    index = batch.episodes.to(device)
+    extras = {"query_labels": index.query_labels}
+    if config.head.name == "clipfsar":
+        extras |= video_text_inputs(
+            class_text,
+            train_classes,
+            index.classes.gather(1, index.support_labels),
+            index.classes.gather(1, index.query_labels),
+        )
+    # dropout masks follow the task, not the rank or the resume point
+    torch.manual_seed(task_seed(config.train.seed, batch.tasks[0], stream=1))
+    with autocast_for(device, config.train.bf16):
+        output = model(
+            batch.support.to(device, non_blocking=True),
+            index.support_labels,
+            batch.query.to(device, non_blocking=True),
+            class_text[index.classes],
+            **extras,
+        )
+    loss = episode_loss(output, index.query_labels, aux_weights(config.head, set(output.aux)))
+    if not torch.isfinite(loss):
+        raise TrainingDiverged(
+            f"loss is {loss.item()} at tasks {batch.tasks}; stopped. last.pt still holds the "
+            "last good state (lower train.lr or finetune.backbone_lr)"
+        )
+    (loss * scale).backward()
+    correct = (output.logits.argmax(-1) == index.query_labels).sum()
+    episodes = len(batch.tasks)
+    return torch.tensor(
+        [loss.item() * episodes, float(correct), float(index.query_labels.numel())],
+        dtype=torch.float64,
+    )
+
+
+def build_optimizer(model: VideoModel, config: Config) -> torch.optim.Optimizer:
+    """One Adam; the encoder gets its own learning rate when finetune.backbone_lr is set."""
+    tr, ft = config.train, config.finetune
+    visual = [p for p in model.visual.parameters() if p.requires_grad]
+    head = [p for p in model.head.parameters() if p.requires_grad]
+    if ft.backbone_lr is None:
+        groups = [{"params": visual + head}]
+    else:
+        groups = [{"params": visual, "lr": ft.backbone_lr}, {"params": head}]
+    groups = [group for group in groups if group["params"]]
+    if not groups:
+        raise ConfigError("nothing to train: every encoder block is frozen and the head has none")
+    return torch.optim.Adam(groups, lr=tr.lr, betas=tuple(tr.betas), weight_decay=tr.weight_decay)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's failure."""
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
+
+
+def oom_message(config: Config, device: torch.device) -> str:
+    tr, ft = config.train, config.finetune
+    peak = ""
+    if device.type == "cuda":
+        peak = f" (peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB allocated)"
+    tips = []
+    if ft.episode_batch > 1:
+        tips.append(f"finetune.episode_batch={ft.episode_batch // 2} (now {ft.episode_batch})")
+    if not ft.grad_checkpointing:
+        tips.append("finetune.grad_checkpointing=true")
+    tips.append(f"finetune.freeze_blocks={ft.freeze_blocks + 2} (now {ft.freeze_blocks})")
+    if device.type == "cuda" and not tr.bf16:
+        tips.append("train.bf16=true")
+    return (
+        f"out of memory on {device}{peak} with {config.episodes.way}-way "
+        f"{config.protocol.train_shot or config.episodes.shot}-shot "
+        f"{config.protocol.train_query}-query episodes, {ft.episode_batch} per forward pass. "
+        f"Lower memory with: {', '.join(tips)}. train.tasks_per_batch does not change memory "
+        "(episodes are accumulated); last.pt holds the last saved state."
+    )
+
+
+def validate_and_save(
+    model, optimizer, setup, videos, episodes, state, record, out, logger, config, show
+) -> None:
+    ft = config.finetune
+    score = evaluate_cached if ft.validation == "cached" else evaluate_decoded
+    kwargs = {"head_config": config.head} if ft.validation == "cached" else {}
+    result = score(
+        model,
+        videos,
+        episodes,
+        setup.class_text,
+        setup.policy,
+        setup.prep,
+        workers=ft.workers,
+        bf16=config.train.bf16,
+        backend=config.extract.decode_backend,
+        progress=show,
+        **kwargs,
+    )
+    entry = {
+        "step": state.step,
+        "split": config.protocol.selection_split,
+        "accuracy": result.accuracy,
+        "ci95": result.ci95,
+    }
+    state.history.append(entry)
+    logger.log("val", entry)
+    improved = result.accuracy > state.best_accuracy
+    if improved:
+        state.best_step, state.best_accuracy = state.step, result.accuracy
+    payload = {
+        "visual": model.visual.state_dict(),
+        "head": model.head.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": state.step,
+        "best_step": state.best_step,
+        "best_accuracy": state.best_accuracy,
+        "history": list(state.history),
+        **record,
+    }
+    save_checkpoint(out / "last.pt", payload)
+    if improved:
+        save_checkpoint(out / "best.pt", payload)
+
+
+def run_record(
+    config: Config,
+    setup: Setup,
+    dataset,
+    train_videos: VideoSplit,
+    select_episodes,
+    dist: DistContext,
+    frozen: list[str],
+) -> dict[str, Any]:
+    """What a checkpoint and a report say about where the numbers came from.
+
+    ``store`` describes the store a re-extraction with this checkpoint gives; its ``weights``
+    depend on the checkpoint file's hash, so ``check_store_fits`` completes them.
+    """
+    enc = setup.encoder_record
+    return {
+        "regime": REGIME,
+        "config": to_dict(config),
+        "protocol": to_dict(config.protocol),
+        "head_name": config.head.name,
+        "feature_dim": int(setup.class_text.shape[-1]),
+        "layer_dims": setup.layer_dims,
+        "encoder": enc,
+        "frozen_parameters": len(frozen),
+        "world_size": dist.world_size,
+        "store": {
+            "path": None,
+            "fingerprint": None,
+            "dataset": config.dataset.name,
+            "variant": dataset.variant,
+            "encoder": {
+                "model": enc["model"],
+                "weights": None,
+                "quick_gelu": enc["quick_gelu"],
+                "image_size": enc["image_size"],
+                "resize": enc["resize"],
+                "crop": enc["crop"],
+                "normalize": enc["normalize"],
+            },
+            "frames": "reference_test",
+            "seq_len": config.extract.seq_len,
+            "train_videos": len(train_videos),
+            "train_videos_skipped": train_videos.skipped,
+        },
+        "selection": {
+            "split": config.protocol.selection_split,
+            "episodes": len(select_episodes),
+            "episodes_sha256": select_episodes.digest(),
+            "validation": config.finetune.validation,
+        },
+    }
+
+
+def resume(last: Path, model: VideoModel, optimizer, record) -> RunState:
+    payload = load_checkpoint(last)
+    if payload.get("regime") != REGIME:
+        raise ConfigError(f"{last} is not from fsar finetune: pick a new --out")
+    changed = [
+        section
+        for section in RESUME_SECTIONS
+        if payload["config"][section] != record["config"][section]
+    ]
+    if changed:
+        raise ConfigError(
+            f"{last} was written with other {', '.join(changed)} settings; resuming would mix "
+            "two runs: pick a new --out (or restore the settings)"
+        )
+    if payload["world_size"] != record["world_size"]:
+        print(
+            f"note: {last} was written by {payload['world_size']} process(es), this run has "
+            f"{record['world_size']}: the episodes are the same, float sums may differ slightly"
+        )
+    model.visual.load_state_dict(payload["visual"])
+    model.head.load_state_dict(payload["head"])
+    optimizer.load_state_dict(payload["optimizer"])
+    return RunState(
+        step=payload["step"],
+        best_step=payload["best_step"],
+        best_accuracy=payload["best_accuracy"],
+        history=list(payload["history"]),
+        resumed_from=payload["step"],
+    )
