@@ -159,7 +159,10 @@ FSAR_CHECKPOINT_FORMAT = "fsar-heads/1"
 def fine_tuned_encoder(path: str | Path) -> dict | None:
     """The ``encoder`` record of an fsar fine-tuning checkpoint (model, base weights, quick_gelu),
     or None for any other checkpoint."""
-    raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # reads the record
+    try:  # mmap: only the small record is read from a large checkpoint
+        raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # files from torch < 1.6 (no zip format) cannot be mapped
+        raw = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(raw, dict) and raw.get("format") == FSAR_CHECKPOINT_FORMAT:
         if "visual" not in raw:
             raise EncoderError(

@@ -75,7 +75,9 @@ class EpisodeSampler:
         keys: tuple[str, str, str] = ("episodes.way", "episodes.shot", "episodes.query"),
         classes: Sequence[int] | None = None,
     ):
-        """``keys`` names the config keys that set way, shot and query, for error messages;
+        """``bank``: a FeatureBank, or any table of videos with ``class_ids``, ``split`` and
+        ``class_names`` (fine-tuning draws from a ``VideoSplit`` of decodable videos).
+        ``keys`` names the config keys that set way, shot and query, for error messages;
         ``classes`` restricts the episodes to these dataset class ids."""
         self.shape = shape
         class_ids = bank.class_ids.cpu()

@@ -56,6 +56,9 @@ from fsar.pipelines.train import MetricLogger, RunState, TrainingDiverged, train
 REGIME = "e2e"
 # Config sections that must agree between a run and the last.pt it resumes.
 RESUME_SECTIONS = ("dataset", "model", "extract", "head", "protocol", "episodes", "train")
+# finetune.* keys that change the numbers (workers, checkpointing, validation mode only change
+# speed or memory, so a resumed run may switch them, e.g. after an out-of-memory stop)
+RESUME_FINETUNE_KEYS = ("backbone_lr", "freeze_blocks", "episode_batch", "flip")
 
 
 class FinetuneOutOfMemory(RuntimeError):
@@ -503,6 +506,11 @@ def resume(last: Path, model: VideoModel, optimizer, record) -> RunState:
         section
         for section in RESUME_SECTIONS
         if payload["config"][section] != record["config"][section]
+    ]
+    changed += [
+        f"finetune.{key}"
+        for key in RESUME_FINETUNE_KEYS
+        if payload["config"]["finetune"][key] != record["config"]["finetune"][key]
     ]
     if changed:
         raise ConfigError(
