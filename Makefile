@@ -26,13 +26,14 @@ STORE ?= $(OUT)
 RUN ?= outputs/runs/$(DATASET)_$(MODEL)_$(METHOD)_$(SHOT)shot
 GRID ?= --grid head.hsmr=true,false --grid head.padm=true,false
 ABLATION ?= outputs/ablations/$(DATASET)_$(MODEL)_$(METHOD)_$(SHOT)shot
+FT_RUN ?= outputs/finetune/$(DATASET)_$(MODEL)_$(METHOD)_$(SHOT)shot
 RESULTS ?= outputs/runs
 REPORT ?= outputs/report
 
 EXP_CONFIG = $(if $(PRESET),--config configs/presets/$(PRESET).yaml) $(if $(wildcard $(EXPERIMENT)),--config $(EXPERIMENT))
 WEIGHT_FLAGS := $(if $(PRETRAINED),--pretrained $(PRETRAINED)) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
 
-.PHONY: install test lint format extract train-heads eval ablate report demo bench clean
+.PHONY: install test lint format extract train-heads finetune-e2e eval ablate report demo bench clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -64,6 +65,15 @@ endif
 train-heads: $(STAMP)
 	$(FSAR) train --dataset $(DATASET) --model $(MODEL) $(EXP_CONFIG) --store $(STORE) --out $(RUN) $(EXTRA)
 
+# end-to-end fine-tuning (see README "fsar finetune"); NPROC>1 runs DDP under torchrun
+FT_ARGS = --dataset $(DATASET) --root $(ROOT) --model $(MODEL) --head $(METHOD) --shot $(SHOT) $(WEIGHT_FLAGS) $(EXP_CONFIG) --out $(FT_RUN) $(EXTRA)
+finetune-e2e: $(STAMP)
+ifeq ($(NPROC),1)
+	$(FSAR) finetune $(FT_ARGS)
+else
+	$(VENV)/bin/torchrun --nproc_per_node=$(NPROC) -m fsar finetune $(FT_ARGS)
+endif
+
 eval: $(STAMP)
 	$(FSAR) eval --dataset $(DATASET) --model $(MODEL) $(EXP_CONFIG) --checkpoint $(RUN)/best.pt --store $(STORE) $(EXTRA)
 
@@ -83,6 +93,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/pipeline.py --widths vitb16 --out benchmarks/results/pipeline_vitb16_widths.json
 	$(PY) benchmarks/pipeline.py --head clipfsar --set head.dim_head=8 --fsar-episodes 4096 \
 		--out benchmarks/results/pipeline_clipfsar.json
+	$(PY) benchmarks/finetune.py --out benchmarks/results/finetune.json
 
 clean:
 	rm -rf outputs stores .pytest_cache
