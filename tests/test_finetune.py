@@ -6,7 +6,6 @@ distributed and resume tests run their own short runs.
 
 from __future__ import annotations
 
-import csv
 import json
 import signal
 import subprocess
@@ -19,6 +18,7 @@ import pytest
 import torch
 
 from fsar.cache import open_store
+from fsar.cache.bank import load_bank
 from fsar.config import load_config
 from fsar.data.datasets import load_dataset
 from fsar.data.synthetic import DemoSpec, render_demo_dataset
@@ -31,7 +31,7 @@ from fsar.pipelines.backbone import enable_grad_checkpointing, freeze_first_bloc
 from fsar.pipelines.build import aux_weights, video_text_inputs
 from fsar.pipelines.checkpoint import load_checkpoint
 from fsar.pipelines.clips import EvalVideos, TrainEpisodes, collate_episodes, video_split
-from fsar.pipelines.episodes import EpisodeSampler, EpisodeShape
+from fsar.pipelines.episodes import EpisodeSampler, EpisodeShape, fixed_episodes
 from fsar.pipelines.finetune import (
     FinetuneOutOfMemory,
     build_video_model,
@@ -158,28 +158,47 @@ def test_the_re_extracted_store_scores_like_the_decoding_path(run, videos, tmp_p
     decoded = json.loads((tmp_path / "dec.json").read_text())
     assert cached["episodes_sha256"] == decoded["episodes_sha256"]  # the same episodes
     assert cached["regime"] == "e2e, re-extracted store" and decoded["regime"] == "e2e, decoded"
-    assert cached["accuracy"] == pytest.approx(decoded["accuracy"], abs=1e-9)
-    assert _confusion(tmp_path / "store_confusion.csv") == _confusion(
-        tmp_path / "dec_confusion.csv"
-    )
+    # Store features are float16: a query whose top two logits tie within that rounding may
+    # flip (measured: 2 of 2,500 queries on 500 demo episodes), so allow two flips here.
+    queries = cached["episodes"] * cached["way"] * cached["query"]
+    assert abs(cached["accuracy"] - decoded["accuracy"]) <= 100 * 2 / queries + 1e-9
     assert 20 < cached["accuracy"] < 100  # a real score of 5-way episodes, not a constant
 
-    # the same frames and crops: the store holds the decoded clips' features in float16
+    # Same frames and crops: the store holds the decoded clips' features, rounded to float16,
+    # and the head's logits on both agree to that rounding.
     payload = load_checkpoint(checkpoint)
     dataset = load_dataset("demo", videos, splits=["test"])
     setup = load_video_model(payload, dataset.class_names, torch.device("cpu"))
     test = video_split(dataset, "test")
     clips = EvalVideos(test, evaluation_policy(load_config([], [])), setup.prep)
-    opened = open_store(store)
-    rows = opened.split_indices("test", done_only=True)
-    cached_features = opened.read_features("center", rows)
+    bank = load_bank(open_store(store), "test")
+    assert bank.video_ids == test.video_ids  # same rows, so the same episode lists
+    batches = [
+        torch.stack([clips[i] for i in range(first, min(first + 16, len(test)))])
+        for first in range(0, len(test), 16)
+    ]
     with torch.no_grad():
-        encoded, _ = setup.model.eval().encode(torch.stack([clips[i] for i in range(6)]))
-    np.testing.assert_allclose(cached_features[:6], encoded.numpy(), rtol=2e-3, atol=2e-3)
-
-
-def _confusion(path: Path) -> list[list[str]]:
-    return list(csv.reader(path.open()))
+        encoded = torch.cat([setup.model.eval().encode(x)[0] for x in batches])  # [V, T, D]
+    np.testing.assert_allclose(
+        bank.features["center"].float().numpy(), encoded.numpy(), rtol=2e-3, atol=2e-3
+    )
+    episodes = fixed_episodes(bank, EpisodeShape(5, 1, 1), 40, seed=0)
+    head = setup.model.head
+    with torch.no_grad():
+        from_store = head(
+            bank.features["center"].float()[episodes.support],
+            episodes.support_labels,
+            bank.features["center"].float()[episodes.query],
+            bank.class_text[episodes.classes],
+        ).logits
+        from_decoding = head(
+            encoded[episodes.support], episodes.support_labels, encoded[episodes.query],
+            setup.class_text[episodes.classes],
+        ).logits  # fmt: skip
+    torch.testing.assert_close(setup.class_text, bank.class_text)
+    torch.testing.assert_close(
+        from_store, from_decoding, atol=2e-3 * from_decoding.abs().max().item(), rtol=0
+    )
 
 
 @pytest.mark.slow

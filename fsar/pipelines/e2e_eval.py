@@ -70,7 +70,7 @@ def encode_split(
     seq_len = policy.count
     features = None
     done = 0
-    bar = tqdm(total=len(rows), unit="video", desc="encode val", disable=not progress)
+    bar = tqdm(total=len(rows), unit="video", desc="encode", disable=not progress, leave=False)
     for pixels in _loader(dataset, batch_videos, workers):  # uint8 [b, T, 3, H, W]
         with autocast_for(device, bf16):
             encoded, _ = model.encode(pixels.to(device, non_blocking=True))
