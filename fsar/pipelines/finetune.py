@@ -419,17 +419,7 @@ def validate_and_save(
         progress=show,
         **kwargs,
     )
-    entry = {
-        "step": state.step,
-        "split": config.protocol.selection_split,
-        "accuracy": result.accuracy,
-        "ci95": result.ci95,
-    }
-    state.history.append(entry)
-    logger.log("val", entry)
-    improved = result.accuracy > state.best_accuracy
-    if improved:
-        state.best_step, state.best_accuracy = state.step, result.accuracy
+    improved = state.record_validation(result, config.protocol.selection_split, logger)
     payload = {
         "visual": model.visual.state_dict(),
         "head": model.head.state_dict(),

@@ -208,22 +208,27 @@ class RunState:
     history: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: int = 0
 
+    def record_validation(self, result, split: str, logger: MetricLogger) -> bool:
+        """Log a validation score at the current step; True when it is the best so far."""
+        entry = {
+            "step": self.step,
+            "split": split,
+            "accuracy": result.accuracy,
+            "ci95": result.ci95,
+        }
+        self.history.append(entry)
+        logger.log("val", entry)
+        improved = result.accuracy > self.best_accuracy
+        if improved:
+            self.best_step, self.best_accuracy = self.step, result.accuracy
+        return improved
+
 
 def validate_and_save(
     head, optimizer, generator, select, state, record, out, logger, config
 ) -> None:
     result = evaluate_episodes(head, select, config.head, config.eval.episode_batch)
-    entry = {
-        "step": state.step,
-        "split": config.protocol.selection_split,
-        "accuracy": result.accuracy,
-        "ci95": result.ci95,
-    }
-    state.history.append(entry)
-    logger.log("val", entry)
-    improved = result.accuracy > state.best_accuracy
-    if improved:
-        state.best_step, state.best_accuracy = state.step, result.accuracy
+    improved = state.record_validation(result, config.protocol.selection_split, logger)
     payload = checkpoint_payload(head, optimizer, generator, state, record)
     save_checkpoint(out / "last.pt", payload)
     if improved:
