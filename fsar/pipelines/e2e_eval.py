@@ -23,7 +23,7 @@ from fsar.data.transforms import Preprocess
 from fsar.pipelines.backbone import VideoModel
 from fsar.pipelines.clips import EvalEpisodes, EvalVideos, VideoSplit, collate_episodes
 from fsar.pipelines.episodes import EpisodeIndex
-from fsar.pipelines.evaluate import EvalOutcome, EvalSetup, evaluate_episodes
+from fsar.pipelines.evaluate import EvalOutcome, EvalSetup, evaluate_episodes, tally
 
 
 def autocast_for(device: torch.device, bf16: bool):
@@ -147,7 +147,7 @@ def evaluate_decoded(
     model.eval()
     device = class_text.device
     n_classes = len(class_text)
-    confusion = torch.zeros(n_classes * n_classes, dtype=torch.long)
+    confusion = torch.zeros(n_classes, n_classes, dtype=torch.long)
     accuracies = []
     loader = _loader(
         EvalEpisodes(videos, episodes, policy, prep, backend), 1, workers, collate_episodes
@@ -161,12 +161,6 @@ def evaluate_decoded(
                 batch.query.to(device),
                 class_text[index.classes.to(device)],
             )
-        predicted = output.logits.float().argmax(-1).cpu()  # [1, Q]
-        accuracies.append((predicted == index.query_labels).double().mean(1))
-        true_ids = torch.gather(index.classes, 1, index.query_labels)
-        predicted_ids = torch.gather(index.classes, 1, predicted)
-        confusion += torch.bincount(
-            (true_ids * n_classes + predicted_ids).flatten(), minlength=n_classes * n_classes
-        )
+        accuracies.append(tally(output.logits.float(), index, confusion))
     model.train(was_training)
-    return EvalOutcome(torch.cat(accuracies).numpy(), confusion.view(n_classes, n_classes).numpy())
+    return EvalOutcome(torch.cat(accuracies).numpy(), confusion.numpy())

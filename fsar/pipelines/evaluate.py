@@ -75,22 +75,31 @@ def evaluate_episodes(
     bank = setup.bank
     positions = setup.positions()
     n_classes = len(bank.class_text)
-    confusion = torch.zeros(n_classes * n_classes, dtype=torch.long)
+    confusion = torch.zeros(n_classes, n_classes, dtype=torch.long)
     accuracies = []
     for start in range(0, len(setup.episodes), episode_batch):
         episodes = setup.episodes.slice(start, start + episode_batch)
         batch = episode_tensors(bank, episodes, positions, None, head_config, training=False)
         logits = head(batch.support, batch.support_labels, batch.query, batch.class_text).logits
-        predicted = logits.argmax(-1)  # [B, Q]
-        accuracies.append((predicted == batch.query_labels).double().mean(1).cpu())
-        classes = episodes.classes  # [B, N] dataset ids, CPU
-        true_ids = torch.gather(classes, 1, episodes.query_labels)
-        predicted_ids = torch.gather(classes, 1, predicted.cpu())
-        confusion += torch.bincount(
-            (true_ids * n_classes + predicted_ids).flatten(), minlength=n_classes * n_classes
-        )
+        accuracies.append(tally(logits, episodes, confusion))
     head.train(was_training)
-    return EvalOutcome(torch.cat(accuracies).numpy(), confusion.view(n_classes, n_classes).numpy())
+    return EvalOutcome(torch.cat(accuracies).numpy(), confusion.numpy())
+
+
+def tally(logits: torch.Tensor, episodes: EpisodeIndex, confusion: torch.Tensor) -> torch.Tensor:
+    """Per-episode accuracy (float64 [B], CPU) of logits [B, Q, N]; adds each query's
+    (true, predicted) dataset-class pair to ``confusion`` (long [C, C])."""
+    predicted = logits.argmax(-1).cpu()  # [B, Q]
+    query_labels = episodes.query_labels.cpu()
+    classes = episodes.classes.cpu()  # [B, N] dataset ids
+    n_classes = confusion.shape[0]
+    true_ids = torch.gather(classes, 1, query_labels)
+    predicted_ids = torch.gather(classes, 1, predicted)
+    counts = torch.bincount(
+        (true_ids * n_classes + predicted_ids).flatten(), minlength=n_classes * n_classes
+    )
+    confusion += counts.view(n_classes, n_classes)
+    return (predicted == query_labels).double().mean(1)
 
 
 @dataclass

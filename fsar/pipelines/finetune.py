@@ -515,10 +515,4 @@ def resume(last: Path, model: VideoModel, optimizer, record) -> RunState:
     model.visual.load_state_dict(payload["visual"])
     model.head.load_state_dict(payload["head"])
     optimizer.load_state_dict(payload["optimizer"])
-    return RunState(
-        step=payload["step"],
-        best_step=payload["best_step"],
-        best_accuracy=payload["best_accuracy"],
-        history=list(payload["history"]),
-        resumed_from=payload["step"],
-    )
+    return RunState.from_checkpoint(payload)

@@ -208,6 +208,17 @@ class RunState:
     history: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: int = 0
 
+    @classmethod
+    def from_checkpoint(cls, payload: dict[str, Any]) -> RunState:
+        """The state a run resumes with from its last.pt."""
+        return cls(
+            step=payload["step"],
+            best_step=payload["best_step"],
+            best_accuracy=payload["best_accuracy"],
+            history=list(payload["history"]),
+            resumed_from=payload["step"],
+        )
+
     def record_validation(self, result, split: str, logger: MetricLogger) -> bool:
         """Log a validation score at the current step; True when it is the best so far."""
         entry = {
@@ -301,13 +312,7 @@ def resume(last: Path, head: FewShotHead, optimizer, generator, record, device) 
     torch.set_rng_state(payload["rng"]["torch"])
     if "cuda" in payload["rng"] and device.type == "cuda":
         torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
-    return RunState(
-        step=payload["step"],
-        best_step=payload["best_step"],
-        best_accuracy=payload["best_accuracy"],
-        history=list(payload["history"]),
-        resumed_from=payload["step"],
-    )
+    return RunState.from_checkpoint(payload)
 
 
 class MetricLogger:
