@@ -19,8 +19,10 @@ from typing import Any, Literal
 
 import yaml
 
+from fsar.errors import FsarError
 
-class ConfigError(ValueError):
+
+class ConfigError(FsarError, ValueError):
     """A configuration problem; the message names the key and how to fix it."""
 
 

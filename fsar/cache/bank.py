@@ -14,9 +14,10 @@ import numpy as np
 import torch
 
 from fsar.cache.store import FeatureStore
+from fsar.errors import FsarError
 
 
-class BankError(ValueError):
+class BankError(FsarError, ValueError):
     """The store cannot provide what was asked (a split, a view, a layer)."""
 
 

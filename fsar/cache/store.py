@@ -56,12 +56,13 @@ from fsar.cache.layout import (
     layout_differences,
     merge_blocks,
 )
+from fsar.errors import FsarError
 
 MODES = ("r", "r+")  # read only / read and write an existing store
 READ_BYTES = 64 * 2**20  # verify and export read about this many bytes (as float32) per step
 
 
-class StoreMismatchError(ValueError):
+class StoreMismatchError(FsarError, ValueError):
     """An existing store was built with another recipe or layout than the one requested."""
 
 

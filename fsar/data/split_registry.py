@@ -19,13 +19,14 @@ from pathlib import Path
 import yaml
 
 from fsar.data.splits import SPLITS, parse_split_dir
+from fsar.errors import FsarError
 
 REGISTRY_FILE = Path(__file__).with_name("splits_registry.yaml")
 _FILE_KEYS = {"name", "url", "sha256", "required", "note"}
 _VARIANT_KEYS = {"benchmark", "description", "source", "note", "files"}
 
 
-class SplitFetchError(RuntimeError):
+class SplitFetchError(FsarError, RuntimeError):
     """A list could not be fetched, or its bytes are not the registered ones."""
 
 

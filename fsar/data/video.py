@@ -16,11 +16,13 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from fsar.errors import FsarError
+
 BACKENDS = ("auto", "decord", "pyav")
 JPEG_SUFFIXES = (".jpg", ".jpeg")
 
 
-class DecodeError(RuntimeError):
+class DecodeError(FsarError, RuntimeError):
     """A video or frame folder could not be read; `str(e)` says why, naming the path."""
 
 

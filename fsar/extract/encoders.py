@@ -14,6 +14,7 @@ from pathlib import Path
 import open_clip
 import torch
 
+from fsar.errors import FsarError
 from fsar.extract.layers import LayerTaps
 
 TINY_MODELS = ("fsar-tiny-vit", "fsar-tiny-rn")
@@ -23,7 +24,7 @@ _CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 RANDOM_INIT_SEED = 0
 
 
-class EncoderError(RuntimeError):
+class EncoderError(FsarError, RuntimeError):
     """The encoder cannot be built; the message says which file or flag to pass."""
 
 

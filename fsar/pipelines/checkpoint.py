@@ -14,13 +14,15 @@ from typing import Any
 
 import torch
 
+from fsar.errors import FsarError
+
 FORMAT = "fsar-heads/1"
 # Recipe keys that must agree between the store a head was trained on and one it is evaluated
 # on: the same encoder and the same pixels in (the dataset and split may differ).
 ENCODER_KEYS = ("model", "weights", "quick_gelu", "image_size", "resize", "crop", "normalize")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(FsarError, ValueError):
     """A checkpoint is missing, unreadable or does not fit the store it is used with."""
 
 

@@ -30,6 +30,7 @@ from fsar.data.datasets import DatasetIndex
 from fsar.data.frames import FramePolicy, select_frames, train_frame_positions
 from fsar.data.transforms import Preprocess, crop_view, train_augment
 from fsar.data.video import open_source
+from fsar.errors import FsarError
 from fsar.pipelines.episodes import EpisodeIndex, EpisodeSampler
 
 
@@ -66,7 +67,7 @@ def video_split(dataset: DatasetIndex, split: str) -> VideoSplit:
     )
 
 
-class ClipError(RuntimeError):
+class ClipError(FsarError, RuntimeError):
     """A video of an episode could not be read; names the video and the fix."""
 
 

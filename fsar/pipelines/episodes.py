@@ -16,9 +16,10 @@ import torch
 
 from fsar.cache.bank import FeatureBank
 from fsar.data.frames import linspace_trunc, train_frame_positions
+from fsar.errors import FsarError
 
 
-class EpisodeSpecError(ValueError):
+class EpisodeSpecError(FsarError, ValueError):
     """The requested episodes cannot be drawn from this split; the message says what to change."""
 
 

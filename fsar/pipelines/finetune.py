@@ -33,6 +33,7 @@ from fsar.data.datasets import load_dataset
 from fsar.data.frames import FramePolicy, parse_frame_policy
 from fsar.data.transforms import Preprocess
 from fsar.devices import resolve_device
+from fsar.errors import FsarError
 from fsar.extract.distributed import DistContext, barrier, init_distributed
 from fsar.extract.encoders import EncoderSpec, build_encoder, weights_id
 from fsar.extract.layers import LayerTaps
@@ -61,7 +62,7 @@ RESUME_SECTIONS = ("dataset", "model", "extract", "head", "protocol", "episodes"
 RESUME_FINETUNE_KEYS = ("backbone_lr", "freeze_blocks", "episode_batch", "flip")
 
 
-class FinetuneOutOfMemory(RuntimeError):
+class FinetuneOutOfMemory(FsarError, RuntimeError):
     """The device ran out of memory; the message lists the settings that lower memory."""
 
 

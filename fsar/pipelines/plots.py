@@ -15,10 +15,12 @@ from typing import Any
 
 import numpy as np
 
+from fsar.errors import FsarError
+
 DATASET_ORDER = ("kinetics", "ssv2_full", "ssv2_small", "ucf101", "hmdb51")
 
 
-class PlotError(ValueError):
+class PlotError(FsarError, ValueError):
     pass
 
 

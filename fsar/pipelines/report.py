@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from fsar.errors import FsarError
 from fsar.pipelines.plots import (
     dataset_sort_key,
     plot_accuracy_vs_shot,
@@ -37,7 +38,7 @@ SPLIT_ORDER = {"val": 0, "test": 1}
 PUBLISHED_KEYS = {"clipspm": "clip_spm", "clipfsar": "clip_fsar"}
 
 
-class ReportError(ValueError):
+class ReportError(FsarError, ValueError):
     pass
 
 

@@ -25,6 +25,7 @@ from fsar.cache import open_store
 from fsar.cache.bank import FeatureBank, load_bank
 from fsar.config import Config, ConfigError, check_head_batching, to_dict
 from fsar.devices import resolve_device
+from fsar.errors import FsarError
 from fsar.heads import FewShotHead, episode_loss
 from fsar.pipelines.build import aux_weights, build_head, episode_tensors, hsmr_layer
 from fsar.pipelines.checkpoint import encoder_recipe, load_checkpoint, save_checkpoint
@@ -37,7 +38,7 @@ from fsar.pipelines.episodes import (
 from fsar.pipelines.evaluate import EvalSetup, evaluate_episodes
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(FsarError, RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is left untouched."""
 
 

@@ -1,0 +1,13 @@
+"""The one error family for expected failures.
+
+Anything raised as an ``FsarError`` is the user's input or environment, not a bug: the CLI prints
+its message as one line and exits 2. Every other exception is a bug and keeps its traceback.
+Subclasses also derive from the builtin they used to be (``ValueError``, ``RuntimeError``) so that
+callers catching those keep working.
+"""
+
+from __future__ import annotations
+
+
+class FsarError(Exception):
+    """An expected failure; ``str(err)`` names the problem and the fix in one line."""
