@@ -85,6 +85,17 @@ class Preprocess:
                 f"mean and std need 3 values each (std > 0), got {self.mean} and {self.std}"
             )
 
+    @classmethod
+    def from_recipe(cls, recipe: dict) -> Preprocess:
+        """The Preprocess a store's recipe records (stores from before the pixel rules were
+        recorded used the defaults)."""
+        fields = ("resize", "crop", "normalize", "interpolation", "resize_mode", "crop_offset")
+        kwargs = {name: recipe[name] for name in fields if recipe.get(name) is not None}
+        for name in ("mean", "std"):
+            if recipe.get(name) is not None:
+                kwargs[name] = tuple(recipe[name])
+        return cls(**kwargs)
+
     def recipe(self) -> dict:
         """The fields as they go into a store's recipe (and its fingerprint)."""
         return {
