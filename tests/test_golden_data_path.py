@@ -182,7 +182,6 @@ def extraction_config(root: Path, out: Path, model: str, *overrides: str):
     )
 
 
-@pytest.mark.slow
 def test_extracted_store_encodes_the_golden_pixels(spm, frame_folders, vit224, tmp_path):
     info, arrays = spm
     out = tmp_path / "spm.zarr"
