@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from fsar.cache import StoreMismatchError, open_store
+from fsar.cache.bank import load_bank
 from fsar.config import load_config
 from fsar.data.frames import parse_frame_policy, select_frames
 from fsar.data.transforms import apply_view, model_input, train_crop
@@ -202,6 +203,14 @@ def test_extracted_store_encodes_the_golden_pixels(spm, frame_folders, vit224, t
         pixels = torch.from_numpy(arrays[f"{folder}.pixels"])
         expected, _ = encode_images(encoder, pixels, 64, "fp32", "float32")
         np.testing.assert_allclose(features[row], expected, rtol=0, atol=1e-5, err_msg=folder)
+
+    # the bank reads a float32 store as it is; gathers give float32 either way
+    bank = load_bank(store, "test", views=("center",))
+    assert bank.features["center"].dtype == torch.float32
+    first = store.video_ids.index(f"media/{info['folders'][0]}")
+    row = int(np.flatnonzero(bank.store_rows == first)[0])
+    gathered = bank.gather(torch.tensor([row]), torch.arange(8)[None])
+    np.testing.assert_array_equal(gathered[0].numpy(), features[first])
 
     # a store made with one pixel rule is never reopened for writing with another
     for override, field in (
