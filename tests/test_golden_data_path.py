@@ -22,7 +22,13 @@ from fsar.cache import StoreMismatchError, open_store
 from fsar.cache.bank import load_bank
 from fsar.config import load_config
 from fsar.data.frames import parse_frame_policy, select_frames
-from fsar.data.transforms import apply_view, model_input, train_crop
+from fsar.data.transforms import (
+    apply_view,
+    center_offsets,
+    model_input,
+    resized_size,
+    train_crop,
+)
 from fsar.data.video import open_source
 from fsar.extract.encoders import EncoderSpec, build_encoder
 from fsar.extract.frames_dump import sheet_size
@@ -69,7 +75,6 @@ def test_clipspm_test_path_listing_indices_decode_and_pixels(golden, spm):
     config = spm_config()
     policy = parse_frame_policy(config.extract.frames, seq_len=config.extract.seq_len)
     prep = preprocess_from_config(config, 224)
-    assert info["folders"] == sorted(info["folders"], key=info["folders"].index)  # 7 folders
     assert len(info["folders"]) == 7
     for folder in info["folders"]:
         expected = info["videos"][folder]
@@ -78,6 +83,12 @@ def test_clipspm_test_path_listing_indices_decode_and_pixels(golden, spm):
         indices = select_frames(policy, source.num_frames)
         assert indices == arrays[f"{folder}.indices"].tolist(), folder
         assert [source.files[i].name for i in indices] == expected["files_read"], folder
+        width, height = expected["source_wh"]
+        resized = resized_size((height, width), prep)
+        assert [resized[1], resized[0]] == expected["resize"]["out_wh"], folder
+        assert (resized == (height, width)) == expected["resize"]["skipped"], folder
+        top, left = center_offsets(resized, prep)  # round half to even: 58.5 -> 58, 115.5 -> 116
+        assert (left, top) == (expected["center_crop"]["x1"], expected["center_crop"]["y1"])
         frames = source.read(indices)
         digests = [hashlib.sha256(frame.tobytes()).hexdigest() for frame in frames]
         assert digests == expected["decoded_rgb_sha256"], folder  # the decoder, not the resize
@@ -296,3 +307,23 @@ def test_fsar_frames_draws_and_normalised_display(frame_folders, tmp_path):
     assert written[f"{key}.pixels"].min() < 0
     with Image.open(out.with_suffix(".png")) as sheet:
         assert sheet.size == sheet_size(2, 8, 64)
+
+
+def test_recipe_round_trip_and_cpu_precision():
+    from fsar.data.transforms import Preprocess
+    from fsar.extract.recipe import effective_precision
+
+    fsar_config = load_config(
+        [PRESETS / "clipfsar_release.yaml"], ["extract.mean=[0.45,0.45,0.45]"]
+    )
+    prep = preprocess_from_config(fsar_config, 224)
+    assert Preprocess.from_recipe(prep.recipe()) == prep
+    assert prep.recipe()["mean"] == [0.45] * 3 and prep.recipe()["resize_mode"] == "squash"
+    # a recipe from before the pixel rules were recorded reads back as the old defaults
+    assert Preprocess.from_recipe({"resize": 73, "crop": 64, "normalize": True}) == Preprocess(
+        73, 64
+    )
+    # autocast is a GPU thing: on CPU every precision encodes (and is recorded) as fp32
+    fp16 = load_config([], ["extract.precision=fp16"])
+    assert effective_precision(fp16, torch.device("cpu")) == "fp32"
+    assert effective_precision(fp16, torch.device("cuda")) == "fp16"
