@@ -1,16 +1,19 @@
 """Write configs/experiments/{clipspm,clipfsar}/<dataset>_<backbone>_<K>shot.yaml from the
-CLIP-SPM release settings (the reference YAML), so every number in them has one source.
+releases' settings, so every number in them has one stated source.
 
-    python configs/make_experiments.py [REFERENCE_YAML] [--out DIR]
+    python configs/make_experiments.py [REFERENCE_YAML] [--clipfsar-train JSON] [--out DIR]
 
-REFERENCE_YAML defaults to ../shared/reference/clipspm_release.yaml beside the repository;
-DIR defaults to configs/experiments. The output is deterministic: re-running it reproduces the
-committed files byte for byte (tests/test_experiment_configs.py checks this).
+REFERENCE_YAML (the CLIP-SPM release settings) defaults to
+../shared/reference/clipspm_release.yaml beside the repository; JSON (the CLIP-FSAR release's
+resolved configs, golden data_path/clipfsar_train.json) to ../shared/golden/data_path/; DIR to
+configs/experiments. The output is deterministic: re-running it reproduces the committed files
+byte for byte (tests/test_experiment_configs.py checks this).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ import yaml
 CONFIGS = Path(__file__).resolve().parent
 ROOT = CONFIGS.parent
 DEFAULT_REFERENCE = ROOT.parent / "shared" / "reference" / "clipspm_release.yaml"
+DEFAULT_CLIPFSAR_TRAIN = ROOT.parent / "shared" / "golden" / "data_path" / "clipfsar_train.json"
 
 METHODS = ("clipspm", "clipfsar")
 DATASETS = ("kinetics", "ssv2_full", "ssv2_small", "ucf101", "hmdb51")
@@ -33,13 +37,34 @@ RELEASE_KEYS = {
     "ssv2_small": "ssv2_cmn",
     "ssv2_full": "ssv2_otam",
 }
-# the CLIP-FSAR release's own split lists (a different store; not used by these files)
+# the CLIP-FSAR release's own split lists (`fsar splits list`: the clipfsar_* variants)
 CLIPFSAR_VARIANTS = {name: f"clipfsar_{name}" for name in DATASETS}
 CLIPFSAR_VARIANTS["kinetics"] = "clipfsar_kinetics100"
+# fsar dataset name -> key prefix of clipfsar_train.json's per_config entries
+CLIPFSAR_KEYS = {name: name for name in DATASETS}
+CLIPFSAR_KEYS["kinetics"] = "kinetics100"
 HEAD_FIELDS = ("mid_dim_vision", "mid_dim_text", "negative_slope", "alpha", "motion_alpha")
 # SPEC 6.1: CLIP-FSAR trains with 5 queries per class; the reference YAML covers CLIP-SPM only.
 CLIPFSAR_TRAIN_QUERY = 5
+# The CLIP-FSAR release's SOLVER.BASE_LR and SOLVER.WEIGHT_DECAY per dataset, the same in its
+# 1-shot and 5-shot configs (the files clipfsar_train.json names under per_config.config_file).
+# clipfsar_train.json does not carry solver values: these were read from those files in the
+# public alibaba-mmai-research/CLIP-FSAR repository (commit 460aee45). fsar keeps one constant
+# learning rate; the release warms up for one epoch and then decays it in steps (LRS 1, 0.1, 0.01).
+CLIPFSAR_SOLVER = {
+    "hmdb51": (1e-05, 5e-05),
+    "ucf101": (2e-06, 5e-05),
+    "kinetics": (1e-05, 5e-04),
+    "ssv2_full": (5e-05, 5e-05),
+    "ssv2_small": (5e-05, 5e-05),
+}
+CLIPFSAR_TASKS_PER_STEP = 4  # the release's TRAIN.BATCH_SIZE: one task per GPU on 4 GPUs
+CLIPFSAR_TEST_EPISODES = 10000  # the release's TRAIN.NUM_TEST_TASKS
 PRESETS = {"clipspm": "clipspm_release", "clipfsar": "clipfsar_release"}
+# open_clip's OPENAI_DATASET_MEAN / STD (fsar.data.transforms.CLIP_MEAN / CLIP_STD): the
+# normalisation of the clipfsar_release preset, which a file only overrides when it differs
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def experiment_path(method: str, dataset: str, backbone: str, shot: int) -> str:
@@ -53,10 +78,53 @@ def dataset_variant(dataset: str) -> str | None:
     return (data.get("dataset") or {}).get("variant")
 
 
-def experiment(
-    reference: dict, method: str, dataset: str, backbone: str, shot: int
+def clipfsar_config(clipfsar_train: dict, dataset: str, shot: int) -> tuple[str, dict]:
+    """(key, resolved config) of the CLIP-FSAR release config behind a K-shot file: its 5-shot
+    config for K = 5, else its 1-shot one (the release ships no 3-shot config)."""
+    key = f"{CLIPFSAR_KEYS[dataset]}_{5 if shot == 5 else 1}shot"
+    return key, clipfsar_train["per_config"][key]
+
+
+def clipfsar_experiment(
+    clipfsar_train: dict, dataset: str, backbone: str, shot: int
 ) -> dict[str, list[tuple[str, Any, str]]]:
-    """Section -> [(key, value, comment)] of one experiment file, in file order."""
+    """Section -> [(key, value, comment)] of one CLIP-FSAR experiment file, in file order."""
+    key, release = clipfsar_config(clipfsar_train, dataset, shot)
+    lr, weight_decay = CLIPFSAR_SOLVER[dataset]
+    sections: dict[str, list[tuple[str, Any, str]]] = {
+        "dataset": [
+            ("name", dataset, ""),
+            ("variant", CLIPFSAR_VARIANTS[dataset], "the CLIP-FSAR release's lists"),
+        ],
+        "model": [("name", backbone, ""), ("pretrained", "openai", "OpenAI CLIP weights")],
+        "head": [("name", "clipfsar", "")],
+    }
+    protocol = [("train_query", CLIPFSAR_TRAIN_QUERY, "CLIP-FSAR release (SPEC 6.1)")]
+    if dataset.startswith("ssv2"):
+        protocol.append(("train_views", ["center"], "no flip on SSv2: left/right is in the label"))
+    sections["protocol"] = protocol
+    sections["episodes"] = [("way", 5, ""), ("shot", shot, ""), ("query", 1, "")]
+    sections["train"] = [
+        ("lr", lr, "release SOLVER.BASE_LR (constant here; see the header)"),
+        ("weight_decay", weight_decay, "release SOLVER.WEIGHT_DECAY"),
+        ("tasks_per_batch", CLIPFSAR_TASKS_PER_STEP, "release TRAIN.BATCH_SIZE"),
+        ("episode_batch", CLIPFSAR_TASKS_PER_STEP, "episodes per forward pass (divides the above)"),
+    ]
+    sections["eval"] = [("episodes", CLIPFSAR_TEST_EPISODES, "release NUM_TEST_TASKS")]
+    transforms = release["transforms"]
+    mean, std = [float(v) for v in transforms["MEAN"]], [float(v) for v in transforms["STD"]]
+    if (tuple(mean), tuple(std)) != (CLIP_MEAN, CLIP_STD):
+        sections["extract"] = [
+            ("mean", mean, f"{key}: the base DATA.MEAN, not CLIP's (clipfsar_train.json)"),
+            ("std", std, f"{key}: the base DATA.STD"),
+        ]
+    return sections
+
+
+def experiment(
+    reference: dict, dataset: str, backbone: str, shot: int
+) -> dict[str, list[tuple[str, Any, str]]]:
+    """Section -> [(key, value, comment)] of one CLIP-SPM experiment file, in file order."""
     key = RELEASE_KEYS[dataset]
     release = reference["datasets"][key]
     train, test, solver = release["train"], release["test"], release["solver"]
@@ -71,18 +139,13 @@ def experiment(
         "model": [("name", backbone, ""), ("pretrained", "openai", "OpenAI CLIP weights")],
     }
 
-    head = [("name", method, "")]
-    if method == "clipspm":
-        for field in HEAD_FIELDS:
-            value = reference["head_hyperparameters_by_dataset"][key][field]
-            head.append((field, value, f"release {field} ({key})"))
+    head = [("name", "clipspm", "")]
+    for field in HEAD_FIELDS:
+        value = reference["head_hyperparameters_by_dataset"][key][field]
+        head.append((field, value, f"release {field} ({key})"))
     sections["head"] = head
 
-    protocol = []
-    if method == "clipspm":
-        protocol.append(("train_query", int(train["query_per_class"]), "release query_per_class"))
-    else:
-        protocol.append(("train_query", CLIPFSAR_TRAIN_QUERY, "CLIP-FSAR release (SPEC 6.1)"))
+    protocol = [("train_query", int(train["query_per_class"]), "release query_per_class")]
     if dataset.startswith("ssv2"):
         # overrides the flip of the clipspm_release preset (composed before this file)
         protocol.append(("train_views", ["center"], "no flip on SSv2: left/right is in the label"))
@@ -107,8 +170,8 @@ def experiment(
     return sections
 
 
-def header(method: str, dataset: str, backbone: str, shot: int) -> list[str]:
-    """The comment lines above the settings: what the file is and how to run it."""
+def header(method: str, dataset: str, backbone: str, shot: int, clipfsar_train: dict) -> list[str]:
+    """The comment lines above the settings: what the file is, how to run it, where from."""
     path = experiment_path(method, dataset, backbone, shot)
     preset = f"configs/presets/{PRESETS[method]}.yaml"
     flags = f"--dataset {dataset} --model {backbone} --config {preset} --config {path}"
@@ -116,17 +179,28 @@ def header(method: str, dataset: str, backbone: str, shot: int) -> list[str]:
     lines = [
         f"# {title} head, {dataset}, {backbone}, 5-way {shot}-shot; "
         f"run: fsar train {flags} --store STORE --out RUN",
-        f"# store: fsar extract {flags} --out STORE (the preset sets normalisation and prompts)",
-        "# Generated by configs/make_experiments.py from the CLIP-SPM release settings; "
-        "edit the generator, not this file.",
+        f"# store: fsar extract {flags} --out STORE (the preset sets the pixel rules and prompts)",
     ]
-    if method == "clipfsar":
-        lines += [
-            "# The CLIP-FSAR release's own solver values are not in the reference, so the "
-            "CLIP-SPM ones are used.",
-            f"# Its own split lists are dataset.variant={CLIPFSAR_VARIANTS[dataset]} "
-            "(a different store).",
+    if method == "clipspm":
+        return lines + [
+            "# Generated by configs/make_experiments.py from the CLIP-SPM release settings; "
+            "edit the generator, not this file."
         ]
+    key, release = clipfsar_config(clipfsar_train, dataset, shot)
+    lines += [
+        "# Generated by configs/make_experiments.py; edit the generator, not this file. Release "
+        f"config: {release['config_file']}",
+        f"# (golden data_path/clipfsar_train.json per_config.{key}, which lists the configs the "
+        "release read; its normalisation comes from there).",
+        "# Its solver values are not in the shared folder: lr and weight decay were read from "
+        "that file in the public release",
+        "# (commit 460aee45). The release warms the lr up for one epoch, then decays it x0.1 "
+        "twice; fsar keeps it constant.",
+        "# train.steps / val_every are not derived (the release counts epochs of "
+        "NUM_TRAIN_TASKS): set them for a run.",
+    ]
+    if shot not in (1, 5):
+        lines.append("# The release ships no 3-shot config: this file follows its 1-shot one.")
     return lines
 
 
@@ -148,10 +222,16 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def render(method: str, dataset: str, backbone: str, shot: int, reference: dict) -> str:
+def render(
+    method: str, dataset: str, backbone: str, shot: int, reference: dict, clipfsar_train: dict
+) -> str:
     """The full text of one experiment file."""
-    lines = header(method, dataset, backbone, shot)
-    for section, items in experiment(reference, method, dataset, backbone, shot).items():
+    lines = header(method, dataset, backbone, shot, clipfsar_train)
+    if method == "clipspm":
+        sections = experiment(reference, dataset, backbone, shot)
+    else:
+        sections = clipfsar_experiment(clipfsar_train, dataset, backbone, shot)
+    for section, items in sections.items():
         lines.append(f"{section}:")
         for key, value, comment in items:
             line = f"  {key}: {format_value(value)}"
@@ -159,9 +239,10 @@ def render(method: str, dataset: str, backbone: str, shot: int, reference: dict)
     return "\n".join(lines) + "\n"
 
 
-def write_all(reference_path: Path, out_dir: Path) -> list[Path]:
+def write_all(reference_path: Path, out_dir: Path, clipfsar_train_path: Path) -> list[Path]:
     """Write the 60 experiment files under out_dir/<method>/; returns their paths."""
     reference = yaml.safe_load(Path(reference_path).read_text())
+    clipfsar_train = json.loads(Path(clipfsar_train_path).read_text())
     written = []
     for method in METHODS:
         (out_dir / method).mkdir(parents=True, exist_ok=True)
@@ -169,7 +250,8 @@ def write_all(reference_path: Path, out_dir: Path) -> list[Path]:
             for backbone in BACKBONES:
                 for shot in SHOTS:
                     path = out_dir / method / f"{dataset}_{backbone}_{shot}shot.yaml"
-                    path.write_text(render(method, dataset, backbone, shot, reference))
+                    text = render(method, dataset, backbone, shot, reference, clipfsar_train)
+                    path.write_text(text)
                     written.append(path)
     return written
 
@@ -177,9 +259,10 @@ def write_all(reference_path: Path, out_dir: Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("reference", nargs="?", default=str(DEFAULT_REFERENCE))
+    parser.add_argument("--clipfsar-train", default=str(DEFAULT_CLIPFSAR_TRAIN))
     parser.add_argument("--out", default=str(CONFIGS / "experiments"))
     args = parser.parse_args(argv)
-    written = write_all(Path(args.reference), Path(args.out))
+    written = write_all(Path(args.reference), Path(args.out), Path(args.clipfsar_train))
     print(f"wrote {len(written)} files under {args.out}")
     return 0
 

@@ -81,8 +81,18 @@ ABLATE_FLAGS = {
     "steps": "train.steps",
     "device": "train.device",
 }
+FRAMES_FLAGS = {
+    "dataset": "dataset.name",
+    "root": "dataset.root",
+    "variant": "dataset.variant",
+    "splits_dir": "dataset.splits_dir",
+    "model": "model.name",
+    "frames": "extract.frames",
+    "views": "extract.views",
+}
 COMMAND_FLAGS = {
     "extract": EXTRACT_FLAGS,
+    "frames": FRAMES_FLAGS,
     "train": TRAIN_FLAGS,
     "eval": EVAL_FLAGS,
     "finetune": FINETUNE_FLAGS,
@@ -137,6 +147,30 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--device", help="auto | cpu | cuda")
     ext.add_argument("--batch-frames", dest="batch_frames", type=int, help="frames per forward")
     _add_config_args(ext)
+
+    frames = _add_config_command(
+        sub,
+        "frames",
+        "write what the encoder sees for chosen videos (indices, pixels .npz, PNG sheet)",
+        config_help,
+    )
+    frames.add_argument(
+        "--dataset", help="kinetics | ssv2_full | ssv2_small | ucf101 | hmdb51 | folder | demo"
+    )
+    frames.add_argument("--root", help="local copy of the dataset")
+    frames.add_argument("--variant", help="split-list variant (default per benchmark)")
+    frames.add_argument("--splits-dir", dest="splits_dir", help="folder with the variant's lists")
+    frames.add_argument("--model", help="sets the input size only (no weights are read)")
+    frames.add_argument("--frames", help="reference_test | uniform:K | all")
+    frames.add_argument("--views", help="comma list: center,flip,crop0,...")
+    frames.add_argument("--videos", required=True, help="comma list of video ids")
+    frames.add_argument("--out", required=True, help="the .npz to write")
+    frames.add_argument("--sheet", help="the PNG contact sheet (default: --out with .png)")
+    frames.add_argument("--seed", type=int, default=0, help="seed of a stochastic frame rule")
+    frames.add_argument(
+        "--draw", type=int, metavar="K", help="K seeded draws per video (stochastic rules)"
+    )
+    _add_config_args(frames)
 
     splits = sub.add_parser("splits", help="fetch and verify the official split lists")
     splits_sub = splits.add_subparsers(dest="splits_command", required=True)
@@ -297,6 +331,15 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if args.command == "extract":
         return commands.extract(config_from_args(args))
+    if args.command == "frames":
+        return commands.frames(
+            config_from_args(args),
+            [v.strip() for v in args.videos.split(",") if v.strip()],
+            Path(args.out),
+            Path(args.sheet) if args.sheet else None,
+            args.seed,
+            args.draw,
+        )
     if args.command == "splits":
         return commands.splits(args.splits_command, args)
     if args.command == "cache":

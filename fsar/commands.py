@@ -35,6 +35,30 @@ def format_extract_result(result) -> str:
     return "\n".join(lines)
 
 
+def frames(
+    config: Config,
+    video_ids: list[str],
+    out: Path,
+    sheet: Path | None,
+    seed: int,
+    draws: int | None,
+) -> int:
+    from fsar.extract.frames_dump import dump_frames
+
+    result = dump_frames(config, video_ids, out, sheet=sheet, seed=seed, draws=draws)
+    prep = result.preprocess
+    print(
+        f"{len(result.rows)} clip(s) of [T, 3, {result.input_size}, {result.input_size}] float32 "
+        f"-> {result.npz}; contact sheet -> {result.sheet}\n"
+        f"pixels: {prep.resize_mode} {prep.resize} ({prep.interpolation}), crop {prep.crop} "
+        f"({prep.crop_offset}), "
+        + (f"mean {list(prep.mean)} std {list(prep.std)}" if prep.normalize else "no normalisation")
+    )
+    for label, indices in result.rows:
+        print(f"  {label}: frames {indices}")
+    return 0
+
+
 def splits(command: str, args: argparse.Namespace) -> int:
     from fsar.data import split_registry as registry
 

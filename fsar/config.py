@@ -98,7 +98,37 @@ class ExtractConfig:
     )
     crop: int | None = _f(None, "center-crop size (default: the model's image size)")
     normalize: bool = _f(
-        True, "CLIP mean/std normalisation (the CLIP-SPM release feeds [0,1] frames: false)"
+        True, "mean/std normalisation (the CLIP-SPM release feeds [0,1] frames: false)"
+    )
+    mean: list[float] | None = _f(
+        None, "per-channel normalisation mean (null = CLIP's; CLIP-FSAR UCF101 5-shot: 0.45 x3)"
+    )
+    std: list[float] | None = _f(
+        None, "per-channel normalisation std (null = CLIP's; CLIP-FSAR UCF101 5-shot: 0.225 x3)"
+    )
+    resize_mode: Literal["short_side", "squash"] = _f(
+        "short_side",
+        "short_side: shorter side to `resize`, long side truncated, no-op when already there; "
+        "squash: both sides to `resize` (CLIP-FSAR release)",
+    )
+    interpolation: Literal["bicubic", "bilinear", "nearest", "pil_bilinear", "bilinear_float"] = _f(
+        "bicubic",
+        "resize filter: bicubic/bilinear/nearest (torchvision, antialiased), pil_bilinear (Pillow, "
+        "CLIP-SPM release), bilinear_float (torch on floats, no antialias: CLIP-FSAR release)",
+    )
+    crop_offset: Literal["round_half_even", "floor"] = _f(
+        "round_half_even",
+        "centre-crop offset: round((W-crop)/2) half-to-even (CLIP-SPM) or (W-crop)//2 (CLIP-FSAR)",
+    )
+    frame_listing: Literal["natural_images", "sorted_all"] = _f(
+        "natural_images",
+        "frame-folder order: JPEGs in natural order, or every entry as plain strings (the releases)",
+    )
+    precision: Literal["fp32", "fp16", "bf16"] = _f(
+        "fp16", "encoder precision on GPU: fp32 (the releases) or fp16/bf16 autocast; CPU runs fp32"
+    )
+    feature_dtype: Literal["float16", "float32"] = _f(
+        "float16", "dtype of the stored features and layers (the releases keep float32)"
     )
     prompts: str = _f(
         "clipspm16",
@@ -432,6 +462,11 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{key} must be >= 8 pixels, got {value}")
     if ex.resize is not None and ex.crop is not None and ex.resize < ex.crop:
         raise ConfigError(f"extract.resize ({ex.resize}) must be >= extract.crop ({ex.crop})")
+    for key, values in (("extract.mean", ex.mean), ("extract.std", ex.std)):
+        if values is not None and len(values) != 3:
+            raise ConfigError(f"{key} needs 3 values (R, G, B), got {values}")
+    if ex.std is not None and min(ex.std) <= 0:
+        raise ConfigError(f"extract.std values must be > 0, got {ex.std}")
     unknown = [s for s in config.dataset.splits if s not in ("train", "val", "test")]
     if unknown:
         raise ConfigError(f"dataset.splits: unknown split(s) {unknown}; valid: train, val, test")

@@ -1,10 +1,12 @@
 """Shipped experiment files and protocol presets: they load as the CLI composes them and carry
-the CLIP-SPM release's numbers (read here from the reference YAML, independently of the
-generator), and the generator reproduces the committed files."""
+the releases' numbers (CLIP-SPM: read here from the reference YAML, CLIP-FSAR: its split variants,
+normalisation and config files from golden clipfsar_train.json, independently of the generator),
+and the generator reproduces the committed files."""
 
 from __future__ import annotations
 
 import itertools
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -30,11 +32,35 @@ RELEASE_KEY = {
     "ssv2_full": "ssv2_otam",
 }
 PRESET_OF = {"clipspm": "clipspm_release", "clipfsar": "clipfsar_release"}
+CLIPFSAR_KEY = {
+    "hmdb51": "hmdb51",
+    "ucf101": "ucf101",
+    "kinetics": "kinetics100",
+    "ssv2_small": "ssv2_small",
+    "ssv2_full": "ssv2_full",
+}
+CLIPFSAR_VARIANT = {
+    "hmdb51": "clipfsar_hmdb51",
+    "ucf101": "clipfsar_ucf101",
+    "kinetics": "clipfsar_kinetics100",
+    "ssv2_small": "clipfsar_ssv2_small",
+    "ssv2_full": "clipfsar_ssv2_full",
+}
+# The issue's comparison of the release configs with CLIP-SPM's values: CLIP-FSAR's learning
+# rate differs on UCF101 and SSv2, its weight decay on SSv2-Full and Kinetics-100.
+LR_DIFFERS = {"ucf101", "ssv2_full", "ssv2_small"}
+WD_DIFFERS = {"ssv2_full", "kinetics"}
 
 
 @pytest.fixture(scope="module")
 def reference(shared) -> dict:
     return yaml.safe_load((shared / "reference" / "clipspm_release.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def clipfsar_train(shared) -> dict:
+    path = shared / "golden" / "data_path" / "clipfsar_train.json"
+    return json.loads(path.read_text())
 
 
 def experiment_file(method: str, dataset: str, backbone: str, shot: int) -> Path:
@@ -56,7 +82,7 @@ def test_all_sixty_experiment_files_exist_and_no_others():
 
 @pytest.mark.parametrize("method, dataset, backbone, shot", COMBOS)
 def test_experiment_composes_with_its_preset_and_carries_the_release_values(
-    reference, method, dataset, backbone, shot
+    reference, clipfsar_train, method, dataset, backbone, shot
 ):
     preset = CONFIGS / "presets" / f"{PRESET_OF[method]}.yaml"
     path = experiment_file(method, dataset, backbone, shot)
@@ -64,24 +90,19 @@ def test_experiment_composes_with_its_preset_and_carries_the_release_values(
     release = reference["datasets"][RELEASE_KEY[dataset]]
     per_step = reference["base_defaults"]["tasks_per_batch"]
     shipped = yaml.safe_load((CONFIGS / "datasets" / f"{dataset}.yaml").read_text())
+    text = path.read_text()
 
-    assert path.read_text().startswith(f"# {'CLIP-SPM' if method == 'clipspm' else 'CLIP-FSAR'}")
-    assert f"fsar train --dataset {dataset} --model {backbone}" in path.read_text()
+    assert text.startswith(f"# {'CLIP-SPM' if method == 'clipspm' else 'CLIP-FSAR'}")
+    assert f"fsar train --dataset {dataset} --model {backbone}" in text
     assert config.dataset.name == dataset
-    assert config.dataset.variant == shipped["dataset"]["variant"]
     assert (config.model.name, config.model.pretrained) == (backbone, "openai")
     assert config.head.name == method
     assert config.protocol.preset == PRESET_OF[method]
-
     assert (config.episodes.way, config.episodes.shot) == (release["train"]["way"], shot)
     assert config.episodes.query == release["test"]["query_per_class"] == 1
-    assert config.train.lr == float(release["solver"]["LR"])
-    assert config.train.weight_decay == float(release["solver"]["WEIGHT_DECAY"])
-    assert config.train.tasks_per_batch == per_step == 16
-    assert config.train.seed == release["seed"] == 6
-    assert config.train.steps == release["train"]["episodes"] // per_step
-    assert config.train.val_every == release["train"]["val_every"] // per_step
-    assert config.eval.episodes == release["test"]["episodes"]
+    assert config.eval.episodes == release["test"]["episodes"] == 10000
+    assert config.train.val_episodes == 10000  # both releases validate on 10,000 test episodes
+    assert config.train.tasks_per_batch % config.train.episode_batch == 0
 
     head_defaults = Config().head
     for field in ("mid_dim_vision", "mid_dim_text", "negative_slope", "alpha", "motion_alpha"):
@@ -90,11 +111,34 @@ def test_experiment_composes_with_its_preset_and_carries_the_release_values(
             assert getattr(config.head, field) == value, field
         else:  # the reference says nothing about CLIP-FSAR's head: schema defaults
             assert getattr(config.head, field) == getattr(head_defaults, field), field
+
     if method == "clipspm":
+        assert config.dataset.variant == shipped["dataset"]["variant"]
+        assert config.train.lr == float(release["solver"]["LR"])
+        assert config.train.weight_decay == float(release["solver"]["WEIGHT_DECAY"])
+        assert config.train.tasks_per_batch == per_step == 16
+        assert config.train.seed == release["seed"] == 6
+        assert config.train.steps == release["train"]["episodes"] // per_step
+        assert config.train.val_every == release["train"]["val_every"] // per_step
         assert config.protocol.train_query == release["train"]["query_per_class"] == 4
+        assert (config.extract.mean, config.extract.std) == (None, None)
     else:
+        # the release's own lists (67,013 SSv2-Full training videos, not CLIP-SPM's 77,500)
+        assert config.dataset.variant == CLIPFSAR_VARIANT[dataset]
+        assert config.train.tasks_per_batch == 4  # release TRAIN.BATCH_SIZE
+        assert (config.train.lr != float(release["solver"]["LR"])) == (dataset in LR_DIFFERS)
+        differs = config.train.weight_decay != float(release["solver"]["WEIGHT_DECAY"])
+        assert differs == (dataset in WD_DIFFERS)
         assert config.protocol.train_query == 5
         assert config.protocol.train_shot == 1 and config.head.merge_before is True
+        # the file names the release config it follows; normalisation as that config resolved
+        key = f"{CLIPFSAR_KEY[dataset]}_{5 if shot == 5 else 1}shot"
+        resolved = clipfsar_train["per_config"][key]
+        assert resolved["config_file"] in text and "clipfsar_train.json" in text
+        mean = config.extract.mean or [0.48145466, 0.4578275, 0.40821073]
+        std = config.extract.std or [0.26862954, 0.26130258, 0.27577711]
+        assert mean == resolved["transforms"]["MEAN"] and std == resolved["transforms"]["STD"]
+        assert (config.extract.mean is not None) == (key == "ucf101_5shot")
 
     # training views must be cached by the dataset's store; SSv2 is never flipped
     assert set(config.protocol.train_views) <= set(config.extract.views)
@@ -120,6 +164,10 @@ def test_release_presets_state_the_spec_protocol():
     assert spm.protocol.train_query == 4
     assert spm.protocol.train_views == ["center", "flip"]
     assert (spm.extract.normalize, spm.extract.prompts) == (False, "clipspm16")
+    assert (spm.extract.interpolation, spm.extract.resize_mode) == ("pil_bilinear", "short_side")
+    assert (spm.extract.crop_offset, spm.extract.frame_listing) == ("round_half_even", "sorted_all")
+    assert (spm.extract.precision, spm.extract.feature_dtype) == ("fp32", "float32")
+    assert spm.train.val_episodes == 10000
 
     fsar = compose("hmdb51", "RN50", CONFIGS / "presets" / "clipfsar_release.yaml")
     assert fsar.protocol.preset == "clipfsar_release"
@@ -129,6 +177,10 @@ def test_release_presets_state_the_spec_protocol():
     assert fsar.protocol.train_query == 5
     assert fsar.head.merge_before is True
     assert (fsar.extract.normalize, fsar.extract.prompts) == (True, "single")
+    assert (fsar.extract.interpolation, fsar.extract.resize_mode) == ("bilinear_float", "squash")
+    assert fsar.extract.crop_offset == "floor"
+    assert (fsar.extract.precision, fsar.extract.feature_dtype) == ("fp32", "float32")
+    assert fsar.train.val_episodes == 10000
 
 
 def leaves(tree: dict, prefix: str = "") -> dict[str, object]:
@@ -166,6 +218,8 @@ def test_generator_reproduces_the_committed_files_byte_for_byte(shared, tmp_path
             sys.executable,
             str(CONFIGS / "make_experiments.py"),
             str(reference),
+            "--clipfsar-train",
+            str(shared / "golden" / "data_path" / "clipfsar_train.json"),
             "--out",
             str(tmp_path),
         ],

@@ -67,7 +67,12 @@ def make_result(
             "train_query": 4,
             "train_views": 1,
         },
-        "selection": {"split": selection_split, "step": 300, "accuracy": 70.0},
+        "selection": {
+            "split": selection_split,
+            "step": 300,
+            "accuracy": 70.0,
+            "episodes": 10000 if selection_split == "test" else 500,
+        },
         "checkpoint": None,
         "official": None,
         "run_dir": None,
@@ -173,6 +178,7 @@ def test_report_table_has_papers_layout_markers_and_notes(results_dir, tmp_path,
     assert "5-way, 200 episodes" in notes
     assert "preset clipspm_release" in notes and "preset fsar" in notes
     assert "test frames reference_test" in notes
+    assert "model selected on test (10000 validation episodes)" in notes
     assert "hmdb51: hmdb_ARN" in notes and "kinetics: default" in notes
     assert "1.96·std/√n" in notes
     for png in ("accuracy_vs_shot.png", "learning_curves.png"):

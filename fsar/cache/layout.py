@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 SPLITS = ("train", "val", "test")  # valid values of videos/split
+FEATURE_DTYPES = ("float16", "float32")  # dtypes of features/* and layers/*
 STATUS_PENDING, STATUS_DONE, STATUS_FAILED = 0, 1, 2  # values of videos/status
 
 
@@ -28,6 +29,7 @@ class StoreLayout:
     layer_dims: intermediate layer name -> D_l (empty when no layers are cached).
     n_prompts: P prompt templates in ``classes/text_per_prompt``.
     chunk_videos: whole videos per chunk along N (16 x T_cap x D float16 = 256 KiB at T=8, D=1024).
+    feature_dtype: numpy dtype of ``features/*`` and ``layers/*`` (FEATURE_DTYPES).
     """
 
     video_ids: tuple[str, ...]
@@ -40,6 +42,7 @@ class StoreLayout:
     layer_dims: dict[str, int] = field(default_factory=dict)
     n_prompts: int = 1
     chunk_videos: int = 16
+    feature_dtype: str = "float16"  # of features/* and layers/*: float16 or float32
 
     def __post_init__(self) -> None:
         for name in ("video_ids", "class_ids", "splits", "class_names", "views"):
@@ -67,6 +70,7 @@ class StoreLayout:
             "layer_dims": dict(self.layer_dims),
             "n_prompts": self.n_prompts,
             "chunk_videos": self.chunk_videos,
+            "feature_dtype": self.feature_dtype,
         }
 
 
@@ -94,6 +98,11 @@ def _check_layout(layout: StoreLayout) -> None:
         raise ValueError(
             f"StoreLayout.class_ids must lie in 0..{len(layout.class_names) - 1}; "
             f"got {bad_class[0]}"
+        )
+    if layout.feature_dtype not in FEATURE_DTYPES:
+        raise ValueError(
+            f"StoreLayout.feature_dtype must be one of {FEATURE_DTYPES}; "
+            f"got {layout.feature_dtype!r}"
         )
     bad_split = sorted(set(layout.splits) - set(SPLITS))
     if bad_split:
@@ -237,11 +246,10 @@ def array_specs(layout: StoreLayout) -> list[ArraySpec]:
         ArraySpec("classes/text_per_prompt", "float32", (c, p, d), (c, p, d), 0.0),
     ]
     for view in layout.views:
-        specs.append(ArraySpec(f"features/{view}", "float16", (n, t, d), (k, t, d), 0.0))
+        f = layout.feature_dtype
+        specs.append(ArraySpec(f"features/{view}", f, (n, t, d), (k, t, d), 0.0))
         for name, dim in layout.layer_dims.items():
-            specs.append(
-                ArraySpec(f"layers/{view}/{name}", "float16", (n, t, dim), (k, t, dim), 0.0)
-            )
+            specs.append(ArraySpec(f"layers/{view}/{name}", f, (n, t, dim), (k, t, dim), 0.0))
     return specs
 
 
@@ -249,8 +257,8 @@ def array_specs(layout: StoreLayout) -> list[ArraySpec]:
 class BlockData:
     """The arrays of one block of B videos, in the shapes ``FeatureStore.write_block`` takes."""
 
-    features: dict[str, np.ndarray]  # view -> float16 [B, T_cap, D]
-    layers: dict[str, dict[str, np.ndarray]]  # view -> layer -> float16 [B, T_cap, D_l]; or {}
+    features: dict[str, np.ndarray]  # view -> [B, T_cap, D] (layout.feature_dtype)
+    layers: dict[str, dict[str, np.ndarray]]  # view -> layer -> [B, T_cap, D_l]; or {}
     frame_index: np.ndarray  # int32 [B, T_cap], -1 = padding
     n_frames: np.ndarray  # int32 [B]
     status: np.ndarray  # uint8 [B]
@@ -259,11 +267,11 @@ class BlockData:
 
 def empty_block(layout: StoreLayout, b: int) -> BlockData:
     """A block of b pending videos: zero features, frame_index -1, no errors."""
-    t = layout.t_cap
+    t, f = layout.t_cap, np.dtype(layout.feature_dtype)
     return BlockData(
-        features={v: np.zeros((b, t, layout.feature_dim), np.float16) for v in layout.views},
+        features={v: np.zeros((b, t, layout.feature_dim), f) for v in layout.views},
         layers={
-            v: {k: np.zeros((b, t, d), np.float16) for k, d in layout.layer_dims.items()}
+            v: {k: np.zeros((b, t, d), f) for k, d in layout.layer_dims.items()}
             for v in (layout.views if layout.layer_dims else ())
         },
         frame_index=np.full((b, t), -1, np.int32),
@@ -286,7 +294,7 @@ def block_arrays(layout: StoreLayout, b: int, block: BlockData) -> dict[str, np.
     Raises ValueError naming the first bad input: missing or extra views/layers, wrong shapes,
     status outside {0, 1, 2}, or a done video whose n_frames / frame_index are inconsistent.
     """
-    t, lay = layout.t_cap, layout
+    t, lay, f = layout.t_cap, layout, np.dtype(layout.feature_dtype)
     if set(block.features) != set(lay.views):
         raise ValueError(f"features must hold the views {lay.views}; got {tuple(block.features)}")
     want_layers = set(lay.views) if lay.layer_dims else set()
@@ -297,7 +305,7 @@ def block_arrays(layout: StoreLayout, b: int, block: BlockData) -> dict[str, np.
     out: dict[str, np.ndarray] = {}
     for view in lay.views:
         out[f"features/{view}"] = _shaped(
-            block.features[view], (b, t, lay.feature_dim), np.float16, f"features[{view!r}]"
+            block.features[view], (b, t, lay.feature_dim), f, f"features[{view!r}]"
         )
         if lay.layer_dims and set(block.layers[view]) != set(lay.layer_dims):
             raise ValueError(
@@ -306,7 +314,7 @@ def block_arrays(layout: StoreLayout, b: int, block: BlockData) -> dict[str, np.
             )
         for name, dim in lay.layer_dims.items():
             out[f"layers/{view}/{name}"] = _shaped(
-                block.layers[view][name], (b, t, dim), np.float16, f"layers[{view!r}][{name!r}]"
+                block.layers[view][name], (b, t, dim), f, f"layers[{view!r}][{name!r}]"
             )
     fi = _shaped(block.frame_index, (b, t), np.int32, "frame_index")
     nf = _shaped(block.n_frames, (b,), np.int32, "n_frames")

@@ -7,8 +7,9 @@ a video is never marked done before its numbers are on disk. The layout on disk:
 
 videos/id str[N], videos/class_id int32[N], videos/split str[N], videos/n_frames int32[N],
 videos/frame_index int32[N, T_cap] (-1 = padding), videos/status uint8[N] (0 pending, 1 done,
-2 failed), videos/error str[N], features/<view> float16[N, T_cap, D],
-layers/<view>/<name> float16[N, T_cap, D_l], classes/name str[C], classes/text float32[C, D],
+2 failed), videos/error str[N], features/<view> float16|float32[N, T_cap, D],
+layers/<view>/<name> float16|float32[N, T_cap, D_l] (the layout's feature_dtype),
+classes/name str[C], classes/text float32[C, D],
 classes/text_per_prompt float32[C, P, D]; group attributes ``fsar_schema_version``, ``recipe``,
 ``fingerprint``, ``versions``, ``layout`` and ``text_written``.
 """
@@ -97,6 +98,7 @@ class FeatureStore:
             layer_dims=dims["layer_dims"],
             n_prompts=dims["n_prompts"],
             chunk_videos=dims["chunk_videos"],
+            feature_dtype=dims.get("feature_dtype", "float16"),  # older stores: float16
         )
 
     # ---------------------------------------------------------------- identity
@@ -222,7 +224,8 @@ class FeatureStore:
     ) -> None:
         """Write videos ``start..stop-1`` (B of them); ``status`` is written last.
 
-        features: view -> [B, T_cap, D] (cast to float16); layers: view -> name -> [B, T_cap, D_l]
+        features: view -> [B, T_cap, D] (cast to float16 or float32, the feature dtype); layers:
+        view -> name -> [B, T_cap, D_l]
         (``{}`` when the store has no layers); frame_index: int [B, T_cap], -1 padding;
         n_frames: int [B]; status: uint8 [B] in {0, 1, 2}; errors: B strings ('' when fine).
         """
@@ -306,13 +309,13 @@ class FeatureStore:
         return self._arrays.read(name, rows)[inverse]
 
     def read_features(self, view: str = "center", indices: Any = None) -> np.ndarray:
-        """float16 [n, T_cap, D] for all videos or the given indices (any order, repeats ok)."""
+        """[n, T_cap, D] for all videos or the given indices (any order, repeats ok)."""
         if view not in self.layout.views:
             raise KeyError(f"view {view!r} is not in this store; cached views: {self.layout.views}")
         return self._read_rows(f"features/{view}", indices)
 
     def read_layer(self, view: str, name: str, indices: Any = None) -> np.ndarray:
-        """float16 [n, T_cap, D_l] of intermediate layer ``name`` in ``view``."""
+        """[n, T_cap, D_l] of intermediate layer ``name`` in ``view``."""
         if view not in self.layout.views or name not in self.layout.layer_dims:
             raise KeyError(
                 f"no layer {view!r}/{name!r} in this store; views: "

@@ -8,6 +8,7 @@ extraction runner records that text for the failed video and moves on.
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from collections.abc import Sequence
@@ -20,6 +21,11 @@ from fsar.errors import FsarError
 
 BACKENDS = ("auto", "decord", "pyav")
 JPEG_SUFFIXES = (".jpg", ".jpeg")
+# How a frame folder's files become frames 0..n-1: fsar keeps the JPEGs in natural order
+# (`img_2` < `img_10`); the releases sort every entry as plain strings, non-images included
+# (`Thumbs.db` < `img_1.jpg` < `img_10.jpg` < `img_2.jpg`), so frame numbers are positions in
+# that listing and a stray entry is a frame that fails to decode when read.
+FOLDER_LISTINGS = ("natural_images", "sorted_all")
 
 
 class DecodeError(FsarError, RuntimeError):
@@ -37,11 +43,15 @@ class FrameSource(Protocol):
         ...
 
 
-def open_source(path: Path, backend: str = "auto", threads: int = 0) -> FrameSource:
+def open_source(
+    path: Path, backend: str = "auto", threads: int = 0, listing: str = "natural_images"
+) -> FrameSource:
     """Open a video file or a JPEG frame folder.
 
-    path: a directory (JPEG frame folder: `*.jpg` / `*.jpeg`, natural sort, so `img_2` < `img_10`)
-        or a video file (mp4, avi, webm, ... anything FFmpeg reads).
+    path: a directory (JPEG frame folder, ordered by ``listing``) or a video file (mp4, avi,
+        webm, ... anything FFmpeg reads).
+    listing: 'natural_images' (the `*.jpg` / `*.jpeg` files, natural sort, so `img_2` <
+        `img_10`) or 'sorted_all' (every entry, plain string sort: the releases' rule).
     backend: for video files, 'auto' (decord, falling back to PyAV when decord is missing or
         fails on the file), 'decord' or 'pyav'. Ignored for frame folders.
     threads: decoder threads (0 = the library's default). Use 1 inside DataLoader workers.
@@ -51,7 +61,7 @@ def open_source(path: Path, backend: str = "auto", threads: int = 0) -> FrameSou
         raise ValueError(f"unknown video backend {backend!r}; valid: {', '.join(BACKENDS)}")
     path = Path(path)
     if path.is_dir():
-        return JpegFolderSource(path)
+        return JpegFolderSource(path, listing)
     if not path.exists():
         raise DecodeError(f"file not found: {path}")
     if path.stat().st_size == 0:
@@ -84,15 +94,27 @@ def _check_indices(indices: Sequence[int], num_frames: int, path: Path) -> list[
     return indices
 
 
-class JpegFolderSource:
-    """A folder of JPEG frames, one file per frame, ordered by natural sort of the names."""
+def list_frame_folder(directory: Path, listing: str = "natural_images") -> list[Path]:
+    """The files of a frame folder in frame order under ``listing`` (see FOLDER_LISTINGS)."""
+    if listing not in FOLDER_LISTINGS:
+        raise ValueError(f"unknown frame listing {listing!r}; valid: {', '.join(FOLDER_LISTINGS)}")
+    directory = Path(directory)
+    if listing == "sorted_all":  # os.scandir + sorted(names), as the releases
+        with os.scandir(directory) as entries:
+            return [directory / name for name in sorted(entry.name for entry in entries)]
+    files = [p for p in directory.iterdir() if p.suffix.lower() in JPEG_SUFFIXES]
+    return sorted(files, key=lambda p: natural_key(p.name))
 
-    def __init__(self, directory: Path):
+
+class JpegFolderSource:
+    """A folder of JPEG frames, one file per frame, in the order of ``listing``."""
+
+    def __init__(self, directory: Path, listing: str = "natural_images"):
         self.path = Path(directory)
-        files = [p for p in self.path.iterdir() if p.suffix.lower() in JPEG_SUFFIXES]
-        if not files:
+        self.listing = listing
+        self.files = list_frame_folder(self.path, listing)
+        if not any(p.suffix.lower() in JPEG_SUFFIXES for p in self.files):
             raise DecodeError(f"no JPEG frames in folder {self.path}")
-        self.files = sorted(files, key=lambda p: natural_key(p.name))
         self.num_frames = len(self.files)
 
     def read(self, indices: Sequence[int]) -> np.ndarray:

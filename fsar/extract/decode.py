@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from fsar.data.frames import FramePolicy, select_frames
 from fsar.data.transforms import Preprocess, apply_view, view_seed
-from fsar.data.video import DecodeError, open_source
+from fsar.data.video import DecodeError, FrameSource, open_source
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,7 @@ class DecodeDataset(Dataset):
         preprocess: Preprocess,
         seed: int,
         decode_backend: str = "auto",
+        frame_listing: str = "natural_images",
     ):
         self.jobs = list(jobs)
         self.policy = policy
@@ -64,6 +65,7 @@ class DecodeDataset(Dataset):
         self.preprocess = preprocess
         self.seed = seed
         self.decode_backend = decode_backend
+        self.frame_listing = frame_listing
 
     def __len__(self) -> int:
         return len(self.jobs)
@@ -74,20 +76,35 @@ class DecodeDataset(Dataset):
         if job.path is None:
             return DecodedVideo(job.store_index, None, empty, "missing: not found under --root")
         try:
-            source = open_source(Path(job.path), backend=self.decode_backend)
+            source = open_source(
+                Path(job.path), backend=self.decode_backend, listing=self.frame_listing
+            )
             indices = select_frames(self.policy, source.num_frames)
-            frames = source.read(indices)  # uint8 [n, H, W, 3]
-            views = [
-                apply_view(frames, view, self.preprocess, view_seed(self.seed, job.video_id, view))
-                for view in self.views
-            ]
+            pixels = encoder_input(
+                source, indices, self.views, self.preprocess, self.seed, job.video_id
+            )
         except DecodeError as err:
             return DecodedVideo(job.store_index, None, empty, str(err))
         except Exception as err:  # a decoder crash on one file must not stop the run
             return DecodedVideo(job.store_index, None, empty, f"{type(err).__name__}: {err}")
-        return DecodedVideo(
-            job.store_index, torch.stack(views), np.asarray(indices, dtype=np.int32), ""
-        )
+        return DecodedVideo(job.store_index, pixels, np.asarray(indices, dtype=np.int32), "")
+
+
+def encoder_input(
+    source: FrameSource,
+    indices: Sequence[int],
+    views: Sequence[str],
+    preprocess: Preprocess,
+    seed: int,
+    video_id: str,
+) -> torch.Tensor:
+    """What the encoder sees for one video: float32 ``[V, T, 3, crop, crop]``, the frames at
+    ``indices`` through every view. The extraction runner and ``fsar frames`` both call this, so
+    the frames a person looks at are the frames that were encoded."""
+    frames = source.read(indices)  # uint8 [T, H, W, 3]
+    return torch.stack(
+        [apply_view(frames, view, preprocess, view_seed(seed, video_id, view)) for view in views]
+    )
 
 
 class BlockDataset(Dataset):

@@ -10,10 +10,33 @@ import torch
 import fsar
 from fsar.config import Config
 from fsar.data.frames import FramePolicy
-from fsar.data.transforms import Preprocess
+from fsar.data.transforms import CLIP_MEAN, CLIP_STD, Preprocess
 from fsar.extract.encoders import Encoder
 
-RECIPE_VERSION = 1
+# 2: the pixel rules (resize mode and filter, crop offset, mean/std, frame-folder listing) and
+# the encoder precision and feature dtype joined the recipe
+RECIPE_VERSION = 2
+
+
+def preprocess_from_config(config: Config, image_size: int) -> Preprocess:
+    """The pixel recipe of ``config.extract`` for a model whose input is ``image_size``."""
+    ex = config.extract
+    crop = ex.crop or image_size
+    return Preprocess(
+        resize=ex.resize or round(crop * 256 / 224),
+        crop=crop,
+        normalize=ex.normalize,
+        interpolation=ex.interpolation,
+        resize_mode=ex.resize_mode,
+        crop_offset=ex.crop_offset,
+        mean=tuple(ex.mean) if ex.mean is not None else CLIP_MEAN,
+        std=tuple(ex.std) if ex.std is not None else CLIP_STD,
+    )
+
+
+def effective_precision(config: Config, device: torch.device) -> str:
+    """fp16 / bf16 autocast applies on GPU only; the CPU always encodes in float32."""
+    return config.extract.precision if device.type == "cuda" else "fp32"
 
 
 def build_recipe(
@@ -35,10 +58,8 @@ def build_recipe(
         "weights": encoder.weights_id,
         "quick_gelu": encoder.quick_gelu,
         "image_size": encoder.image_size,
-        "resize": preprocess.resize,
-        "crop": preprocess.crop,
-        "normalize": preprocess.normalize,
-        "interpolation": preprocess.interpolation,
+        **preprocess.recipe(),
+        "frame_listing": ex.frame_listing,
         "views": list(views),
         "frames": ex.frames,
         "frame_policy": policy.kind,
@@ -48,8 +69,9 @@ def build_recipe(
         "layers": dict(layer_dims),
         "prompts": list(templates),
         "crop_seed": ex.seed if uses_random_crops else None,
-        # GPU extraction runs under float16 autocast, CPU in float32: different numbers.
-        "precision": "autocast-float16" if encoder.device.type == "cuda" else "float32",
+        # autocast (GPU only) and the stored dtype change the numbers
+        "precision": effective_precision(config, encoder.device),
+        "feature_dtype": ex.feature_dtype,
     }
 
 

@@ -26,13 +26,13 @@ from fsar.cache import StoreLayout, assign_blocks, create_store, export_hdf5, op
 from fsar.config import Config, ConfigError
 from fsar.data.datasets import load_dataset
 from fsar.data.frames import parse_frame_policy
-from fsar.data.transforms import Preprocess, parse_views
+from fsar.data.transforms import parse_views
 from fsar.devices import resolve_device
 from fsar.extract.decode import BlockDataset, DecodeDataset, VideoJob, collate_single
 from fsar.extract.distributed import DistContext, barrier, init_distributed
 from fsar.extract.encoders import Encoder, EncoderSpec, build_encoder
 from fsar.extract.prompts import encode_class_names, resolve_templates
-from fsar.extract.recipe import build_recipe
+from fsar.extract.recipe import build_recipe, effective_precision, preprocess_from_config
 
 
 @dataclass
@@ -79,11 +79,8 @@ def run_extraction(config: Config, progress: bool = True) -> ExtractResult:
     views = parse_views(ex.views)
     templates = resolve_templates(ex.prompts)
     encoder = build_encoder(encoder_spec(config), device=device, layers=ex.layers)
-    crop = ex.crop or encoder.image_size
-    preprocess = Preprocess(
-        resize=ex.resize or round(crop * 256 / 224), crop=crop, normalize=ex.normalize
-    )
-    layer_dims = probe_layer_dims(encoder, crop)
+    preprocess = preprocess_from_config(config, encoder.image_size)
+    layer_dims = probe_layer_dims(encoder, preprocess.crop)
     recipe = build_recipe(config, encoder, policy, views, preprocess, templates, layer_dims)
     layout = StoreLayout(
         video_ids=tuple(item.video_id for item in dataset.items),
@@ -96,6 +93,7 @@ def run_extraction(config: Config, progress: bool = True) -> ExtractResult:
         layer_dims=layer_dims,
         n_prompts=len(templates),
         chunk_videos=ex.chunk_videos,
+        feature_dtype=ex.feature_dtype,
     )
 
     out = Path(ex.out)
@@ -138,9 +136,11 @@ def run_extraction(config: Config, progress: bool = True) -> ExtractResult:
         preprocess,
         ex.seed,
         ex.decode_backend,
+        ex.frame_listing,
     )
+    precision = effective_precision(config, device)
     encoded, frames_done = encode_blocks(
-        store, encoder, decode, block_jobs, views, ex, progress and dist.rank == 0
+        store, encoder, decode, block_jobs, views, ex, precision, progress and dist.rank == 0
     )
     barrier(dist)
 
@@ -186,7 +186,9 @@ def probe_layer_dims(encoder: Encoder, crop: int) -> dict[str, int]:
     return {name: int(value.shape[-1]) for name, value in encoder.taps.pop().items()}
 
 
-def encode_blocks(store, encoder, decode, block_jobs, views, ex, show: bool) -> tuple[int, int]:
+def encode_blocks(
+    store, encoder, decode, block_jobs, views, ex, precision: str, show: bool
+) -> tuple[int, int]:
     """Decode blocks in workers, encode each block in the main process, write it in a thread.
 
     Three stages overlap: workers decode later blocks while the main process encodes this one
@@ -205,7 +207,9 @@ def encode_blocks(store, encoder, decode, block_jobs, views, ex, show: bool) -> 
     encoded = frames = 0
     with cpu_threads_beside_workers(encoder.device, ex.workers), BlockWriter(store) as writer:
         for (block, _), decoded in zip(block_jobs, loader, strict=True):
-            rows, count = encode_block(store, encoder, block, decoded, views, ex.batch_frames)
+            rows, count = encode_block(
+                store, encoder, block, decoded, views, ex.batch_frames, precision
+            )
             writer.put(block, rows)
             frames += count
             encoded += len(decoded.videos)
@@ -281,7 +285,7 @@ class BlockWriter:
                 self.error = error
 
 
-def encode_block(store, encoder, block, decoded, views, batch_frames: int):
+def encode_block(store, encoder, block, decoded, views, batch_frames: int, precision="fp32"):
     """Encode all views of the decoded videos of one block into the block's rows.
 
     Rows of the block not in ``decoded`` (already done) are read back and rewritten unchanged,
@@ -299,7 +303,9 @@ def encode_block(store, encoder, block, decoded, views, batch_frames: int):
             rows.n_frames[row], rows.frame_index[row] = 0, -1
     if not good:
         return rows, 0
-    embeddings, taps = encode_images(encoder, decoded.pixels, batch_frames)
+    embeddings, taps = encode_images(
+        encoder, decoded.pixels, batch_frames, precision, store.layout.feature_dtype
+    )
     offset = 0
     for video in good:
         row = video.store_index - start
@@ -318,12 +324,24 @@ def encode_block(store, encoder, block, decoded, views, batch_frames: int):
     return rows, len(decoded.pixels)
 
 
+AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 @torch.no_grad()
-def encode_images(encoder: Encoder, pixels: torch.Tensor, batch: int):
-    """``encode_image`` in batches; float16 numpy [N, D] plus {layer: [N, D_l]}."""
+def encode_images(
+    encoder: Encoder,
+    pixels: torch.Tensor,
+    batch: int,
+    precision: str = "fp32",
+    feature_dtype: str = "float16",
+):
+    """``encode_image`` in batches, in float32 or under fp16 / bf16 autocast on GPU;
+    ``feature_dtype`` numpy [N, D] plus {layer: [N, D_l]}."""
     device = encoder.device
     autocast = (
-        torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
+        torch.autocast("cuda", dtype=AUTOCAST_DTYPES[precision])
+        if device.type == "cuda" and precision in AUTOCAST_DTYPES
+        else nullcontext()
     )
     outputs, taps = [], {name: [] for name in encoder.taps.names}
     for begin in range(0, len(pixels), batch):
@@ -333,8 +351,9 @@ def encode_images(encoder: Encoder, pixels: torch.Tensor, batch: int):
         if taps:
             for name, value in encoder.taps.pop().items():
                 taps[name].append(value.float().cpu())
-    embeddings = torch.cat(outputs).numpy().astype(np.float16)
-    return embeddings, {name: torch.cat(v).numpy().astype(np.float16) for name, v in taps.items()}
+    dtype = np.dtype(feature_dtype)
+    embeddings = torch.cat(outputs).numpy().astype(dtype)
+    return embeddings, {name: torch.cat(v).numpy().astype(dtype) for name, v in taps.items()}
 
 
 __all__ = ["ExtractResult", "run_extraction", "staging_path", "DistContext"]

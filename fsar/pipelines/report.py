@@ -248,7 +248,8 @@ def _row_note(number: int, key: tuple, found: list[dict[str, Any]]) -> str:
         f"- ({number}) {' · '.join(key)}: {values('way')}-way, {values('episodes')} episodes; "
         f"preset {values('preset', 'protocol')}; test frames {values('test_frames', 'protocol')}; "
         f"split variant {', '.join(variants)}; "
-        f"model selected on {values('selection_split', 'protocol')}; ± = {INTERVAL}."
+        f"model selected on {values('selection_split', 'protocol')} "
+        f"({values('episodes', 'selection')} validation episodes); ± = {INTERVAL}."
     )
 
 

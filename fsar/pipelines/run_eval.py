@@ -173,6 +173,7 @@ def run_decoded_evaluation(config: Config, checkpoint: str | None) -> tuple[dict
             "split": protocol.selection_split,
             "step": payload["best_step"],
             "accuracy": payload["best_accuracy"],
+            "episodes": validation_episodes(payload),
         },
         "checkpoint": str(checkpoint),
         "official": None,
@@ -190,6 +191,11 @@ def run_decoded_evaluation(config: Config, checkpoint: str | None) -> tuple[dict
     write_result(result, outcome, dataset.class_names, out)
     result["path"] = str(out)
     return result, outcome
+
+
+def validation_episodes(payload: dict) -> int | None:
+    """Episodes per validation of the run that picked this checkpoint (the releases: 10,000)."""
+    return (payload.get("config") or {}).get("train", {}).get("val_episodes")
 
 
 def result_path(config: Config, checkpoint: str | None, shape: EpisodeShape) -> Path:
@@ -212,6 +218,7 @@ def result_record(
             "split": source.protocol.selection_split,
             "step": payload["best_step"],
             "accuracy": payload["best_accuracy"],
+            "episodes": validation_episodes(payload),
         }
     per_class = {}
     for class_id, name in enumerate(bank.class_names):
