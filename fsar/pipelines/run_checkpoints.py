@@ -124,6 +124,9 @@ def _show(value: Any) -> str:
 
 def check_resumable(last: Path, payload: dict, record: dict, compared: tuple[str, ...]) -> None:
     """Refuse to continue ``last.pt`` under settings that would mix two runs."""
+    if payload.get("regime") != record.get("regime"):
+        command = "fsar finetune" if payload.get("regime") == "e2e" else "fsar train"
+        raise ConfigError(f"cannot resume {last}: {command} wrote it; pick a new --out")
     conflicts = resume_conflicts(payload, record, compared, int(payload["step"]))
     if conflicts:
         raise ConfigError(

@@ -126,7 +126,7 @@ def train_heads(config: Config, progress: bool = True) -> TrainResult:
         else nullcontext()
     )
     micro_batches = tr.tasks_per_batch // tr.episode_batch
-    saved = Saver(out, head, optimizer, generator, record, state, payload is not None)
+    saver = Saver(out, head, optimizer, generator, record, state, payload is not None)
     show = progress and optimizer is not None  # a head without parameters has nothing to train
     bar = tqdm(total=steps, initial=state.step, unit="step", desc=f"train {config.head.name}",
                disable=not show)  # fmt: skip
@@ -183,12 +183,12 @@ def train_heads(config: Config, progress: bool = True) -> TrainResult:
             if state.step % tr.log_every == 0:
                 logger.log("train", metrics)
             if state.step % tr.val_every == 0 or state.step == steps:
-                validate_and_save(head, select, state, logger, config, saved)
+                validate_and_save(head, select, state, logger, config, saver)
             if stop.requested:  # the safe point: the step is done, its state goes to last.pt
-                saved.last()
+                saver.last()
                 stop.check(f"kept: {kept_files(out)}")
     if steps == 0 and not (out / "best.pt").exists():  # nothing to train: score it once
-        validate_and_save(head, select, state, logger, config, saved)
+        validate_and_save(head, select, state, logger, config, saver)
     logger.close()
     return TrainResult(
         out, state.step, state.best_step, state.best_accuracy, state.history, state.resumed_from
