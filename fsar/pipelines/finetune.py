@@ -32,6 +32,7 @@ from tqdm import tqdm
 from fsar.config import Config, ConfigError, build_dataclass, to_dict
 from fsar.data.datasets import load_dataset
 from fsar.data.frames import FramePolicy, parse_frame_policy
+from fsar.data.split_registry import _write_atomic as write_atomic
 from fsar.data.transforms import Preprocess
 from fsar.devices import resolve_device
 from fsar.errors import FsarError
@@ -207,7 +208,7 @@ def finetune(config: Config, progress: bool = True) -> FinetuneResult:
     if dist.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         MetricLogger.drop_after(out, state.step)  # lines a killed run wrote past last.pt
-        (out / "config.json").write_text(json.dumps(record, indent=2) + "\n")
+        write_atomic(out / "config.json", (json.dumps(record, indent=2) + "\n").encode())
     barrier(dist)
     trained = (
         DistributedDataParallel(

@@ -154,12 +154,16 @@ def held_step(path: Path) -> int | None:
     return int(load_checkpoint(path)["step"])
 
 
-def reconcile(out: Path) -> dict[str, Any] | None:
-    """The payload of ``out/last.pt`` (None without one), with ``best.pt`` made to agree.
-
-    Also removes the temporary files of writes a kill cut short.
-    """
+def clean_stray_files(out: Path) -> None:
+    """Remove the temporary files of writes a kill cut short (checkpoints, metrics, config)."""
     clean_partial_writes(out)
+    for name in ("metrics.jsonl", "config.json"):  # split_registry's atomic writer's names
+        for path in Path(out).glob(f".{name}.*.tmp"):
+            path.unlink(missing_ok=True)
+
+
+def reconcile(out: Path) -> dict[str, Any] | None:
+    """The payload of ``out/last.pt`` (None without one), with ``best.pt`` made to agree."""
     last, best = out / "last.pt", out / "best.pt"
     if not last.exists():
         if best.exists():

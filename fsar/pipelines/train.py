@@ -24,6 +24,7 @@ from tqdm import tqdm
 from fsar.cache import open_store
 from fsar.cache.bank import FeatureBank, load_bank
 from fsar.config import Config, ConfigError, check_head_batching, to_dict
+from fsar.data.split_registry import _write_atomic as write_atomic
 from fsar.devices import resolve_device
 from fsar.errors import FsarError
 from fsar.heads import FewShotHead, episode_loss
@@ -40,6 +41,7 @@ from fsar.pipelines.evaluate import EvalSetup, NonFiniteScores, evaluate_episode
 from fsar.pipelines.run_checkpoints import (
     TRAIN_COMPARED,
     check_resumable,
+    clean_stray_files,
     kept_files,
     read_last,
     reconcile,
@@ -115,7 +117,7 @@ def train_heads(config: Config, progress: bool = True) -> TrainResult:
         restore(payload, head, optimizer, generator, device)
     out.mkdir(parents=True, exist_ok=True)
     MetricLogger.drop_after(out, state.step)  # lines a killed run wrote past its checkpoint
-    (out / "config.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_atomic(out / "config.json", (json.dumps(record, indent=2) + "\n").encode())
     steps = tr.steps if optimizer is not None else 0
     logger = MetricLogger(out, enabled=True)
     train_classes = torch.unique(train_bank.class_ids)
@@ -204,11 +206,13 @@ def start_or_resume(
     with other settings is refused (``check_resumable`` names each differing key). Ranks other
     than 0 of a distributed run pass ``repair=False``: they read what rank 0 made agree.
     """
+    if not resume and out.exists() and any(out.glob("*.pt")):
+        raise ConfigError(
+            f"{out} already holds checkpoints: pick a new --out or set train.resume=true"
+        )
+    if repair:
+        clean_stray_files(out)
     if not resume:
-        if out.exists() and any(out.glob("*.pt")):
-            raise ConfigError(
-                f"{out} already holds checkpoints: pick a new --out or set train.resume=true"
-            )
         return RunState(), None
     payload = reconcile(out) if repair else read_last(out)
     if payload is None:
@@ -383,7 +387,7 @@ class MetricLogger:
         if path.exists():
             lines = [line for line in path.read_text().splitlines() if line.strip()]
             kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
-            path.write_text("".join(line + "\n" for line in kept))
+            write_atomic(path, "".join(line + "\n" for line in kept).encode())
 
     def log(self, kind: str, metrics: dict[str, Any]) -> None:
         with self.path.open("a") as file:
