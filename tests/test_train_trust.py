@@ -428,3 +428,51 @@ def test_a_signal_stops_at_the_next_step_and_the_rerun_equals_an_uninterrupted_r
     printed = run_fsar(*args).stdout
     assert f"resumed at step {stopped}" in printed
     assert_same_run(run, long_reference)
+
+
+def test_one_resume_check_lists_the_keys_of_train_and_finetune():
+    from fsar.config import Config, to_dict
+    from fsar.pipelines.run_checkpoints import (
+        FINETUNE_COMPARED,
+        TRAIN_COMPARED,
+        resume_conflicts,
+    )
+
+    def record(**changes):
+        config = to_dict(Config())
+        for dotted, value in changes.items():
+            section, key = dotted.split("__")
+            config[section][key] = value
+        return {"config": config, "store": {"fingerprint": "f", "train_videos": 10}}
+
+    saved = record()
+    moved = {
+        "finetune__flip": True,
+        "finetune__backbone_lr": 1e-5,
+        "dataset__variant": "cmn",
+        "model__name": "RN50",
+        "extract__seq_len": 16,
+        "train__bf16": False,
+    }
+    free = {
+        "finetune__workers": 0,
+        "finetune__validation": "decoded",
+        "finetune__grad_checkpointing": True,
+        "dataset__root": "/elsewhere",
+        "train__device": "cuda:1",
+        "train__log_every": 1,
+        "eval__episodes": 7,
+        "eval__split": "val",
+    }
+    for key, value in moved.items():
+        conflicts = resume_conflicts(saved, record(**{key: value}), FINETUNE_COMPARED, 0)
+        assert len(conflicts) == 1 and conflicts[0].startswith(key.replace("__", ".")), key
+    for key, value in free.items():
+        assert resume_conflicts(saved, record(**{key: value}), FINETUNE_COMPARED, 0) == [], key
+    # fsar train reads the store, not the videos or the encoder settings
+    assert resume_conflicts(saved, record(model__name="RN50"), TRAIN_COMPARED, 0) == []
+    assert resume_conflicts(saved, record(train__steps=9000), TRAIN_COMPARED, 2000) == []
+    other_videos = {**record(), "store": {"fingerprint": "f", "train_videos": 9}}
+    assert resume_conflicts(saved, other_videos, FINETUNE_COMPARED, 0) == [
+        "store.train_videos 10 -> 9"
+    ]
