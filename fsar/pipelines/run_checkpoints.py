@@ -17,6 +17,7 @@ step already done).
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from typing import Any
 
@@ -142,8 +143,10 @@ def save_run_checkpoints(out: Path, payload: dict[str, Any], improved: bool) -> 
         if improved:
             save_checkpoint(out / "best.pt", payload)
     except CheckpointWriteError as err:
+        full = getattr(err.__cause__, "errno", None) == errno.ENOSPC
         raise CheckpointWriteError(
-            f"{err}. Kept: {kept_files(out)}; free space and rerun the same command to resume"
+            f"{err}. Kept: {kept_files(out)}; {'free space' if full else 'fix that'} and rerun "
+            "the same command to resume"
         ) from err
 
 
