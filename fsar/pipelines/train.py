@@ -5,7 +5,9 @@ batching) with gradient accumulation in between. Validation runs every ``val_eve
 fixed episode list of ``protocol.selection_split``; ``last.pt`` is written then and ``best.pt``
 when the validation accuracy improves. Every random state lives in the checkpoint, so a run
 killed at any moment and restarted with the same command ends with the same weights as an
-uninterrupted one (bitwise on CPU).
+uninterrupted one (bitwise on CPU). SIGINT / SIGTERM stop the loop after the current step with
+``last.pt`` written at it; a non-finite loss, parameter or score stops it before anything
+non-finite is validated or written (``run_checkpoints`` holds the write order and resume checks).
 """
 
 from __future__ import annotations
