@@ -25,6 +25,7 @@ from fsar.config import ConfigError
 from fsar.pipelines.checkpoint import (
     CheckpointError,
     CheckpointWriteError,
+    NonFiniteWeights,
     clean_partial_writes,
     load_checkpoint,
     save_checkpoint,
@@ -148,6 +149,8 @@ def save_run_checkpoints(out: Path, payload: dict[str, Any], improved: bool) -> 
             f"{err}. Kept: {kept_files(out)}; {'free space' if full else 'fix that'} and rerun "
             "the same command to resume"
         ) from err
+    except NonFiniteWeights as err:  # e.g. an optimizer state that overflowed
+        raise NonFiniteWeights(f"{err}; stopped. Kept: {kept_files(out)}") from err
 
 
 def held_step(path: Path) -> int | None:
