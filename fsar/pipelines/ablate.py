@@ -67,7 +67,9 @@ def run_ablation(config: Config, progress: bool = True) -> Path:
         if progress:
             print(f"ablate: {point_name(point)}")
         trained = train_heads(point_config, progress=progress)
-        result, outcome = run_evaluation(point_config, checkpoint=str(trained.out / "best.pt"))
+        result, outcome = run_evaluation(
+            point_config, checkpoint=str(trained.out / "best.pt"), progress=progress
+        )
         rows.append(AblationRow(point, result, outcome))
     digests = {row.result["episodes_sha256"] for row in rows}
     assert len(digests) == 1, "grid points were scored on different episodes"

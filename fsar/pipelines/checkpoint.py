@@ -26,11 +26,58 @@ class CheckpointError(FsarError, ValueError):
     """A checkpoint is missing, unreadable or does not fit the store it is used with."""
 
 
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (disk full, no permission, ...); the file is unchanged."""
+
+
+class NonFiniteWeights(CheckpointError):
+    """A state holds NaN or infinite values: it is not written, and not scored."""
+
+
+# temporary files of save_checkpoint: "<name>.<random>.partial" beside the target
+PARTIAL_SUFFIX = ".partial"
+
+
+def non_finite_entries(tree: Any, prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors in a (nested) payload holding NaN or inf."""
+    if isinstance(tree, torch.Tensor):
+        bad = tree.is_floating_point() and not bool(torch.isfinite(tree).all())
+        return [prefix] if bad else []
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, (list, tuple)):
+        items = enumerate(tree)
+    else:
+        return []
+    found = []
+    for key, value in items:
+        found += non_finite_entries(value, f"{prefix}.{key}" if prefix else str(key))
+    return found
+
+
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` to ``path`` atomically: a reader sees the old file or the new one."""
+    """Write ``payload`` to ``path`` atomically: a reader sees the old file or the new one.
+
+    A payload with a non-finite tensor is refused (``NonFiniteWeights``) before anything is
+    written; an ``OSError`` (a full disk) leaves the old file and no temporary file behind.
+    """
     path = Path(path)
+    bad = non_finite_entries(payload)
+    if bad:
+        raise NonFiniteWeights(
+            f"not writing {path}: {len(bad)} tensor(s) hold NaN or inf ({', '.join(bad[:3])})"
+        )
+    try:
+        _write_atomic(path, payload)
+    except OSError as err:
+        raise CheckpointWriteError(
+            f"cannot write {path}: {err.strerror or err}; the previous {path.name} is unchanged"
+        ) from err
+
+
+def _write_atomic(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".partial", dir=path.parent)
+    handle, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=PARTIAL_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as file:
             torch.save({"format": FORMAT, **payload}, file)
@@ -45,6 +92,14 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def clean_partial_writes(folder: Path) -> list[Path]:
+    """Remove the temporary files of checkpoint writes that a kill cut short."""
+    removed = sorted(Path(folder).glob(f"*.pt.*{PARTIAL_SUFFIX}"))
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
 
 
 def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -99,7 +99,9 @@ def run_demo(
             },
         )
         trained = train_heads(head_config, progress=progress)
-        result, _ = run_evaluation(head_config, checkpoint=str(trained.out / "best.pt"))
+        result, _ = run_evaluation(
+            head_config, checkpoint=str(trained.out / "best.pt"), progress=progress
+        )
         results[head] = result
         pair_outcomes[head] = reversed_pair_outcome(head_config, trained.out / "best.pt", spec)
     pair_accuracy = {h: (o.accuracy, o.ci95) for h, o in pair_outcomes.items()}

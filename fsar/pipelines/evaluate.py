@@ -10,9 +10,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from fsar.cache.bank import FeatureBank
 from fsar.config import HeadConfig
+from fsar.errors import FsarError
 from fsar.heads import FewShotHead
 from fsar.pipelines.build import episode_tensors
 from fsar.pipelines.episodes import (
@@ -20,6 +22,10 @@ from fsar.pipelines.episodes import (
     cached_test_positions,
     segment_random_positions,
 )
+
+
+class NonFiniteScores(FsarError, ValueError):
+    """A head gave NaN or infinite logits: its accuracy would be a number made of nothing."""
 
 
 @dataclass
@@ -67,9 +73,14 @@ def interval(values: np.ndarray) -> float:
 
 @torch.no_grad()
 def evaluate_episodes(
-    head: FewShotHead, setup: EvalSetup, head_config: HeadConfig, episode_batch: int
+    head: FewShotHead,
+    setup: EvalSetup,
+    head_config: HeadConfig,
+    episode_batch: int,
+    progress: bool = False,
 ) -> EvalOutcome:
-    """Run ``head`` (in eval mode) on every episode of ``setup``."""
+    """Run ``head`` (in eval mode) on every episode of ``setup``; a tqdm bar on stderr when
+    ``progress``. Non-finite logits raise ``NonFiniteScores``."""
     was_training = head.training
     head.eval()
     bank = setup.bank
@@ -77,18 +88,31 @@ def evaluate_episodes(
     n_classes = len(bank.class_text)
     confusion = torch.zeros(n_classes, n_classes, dtype=torch.long)
     accuracies = []
-    for start in range(0, len(setup.episodes), episode_batch):
-        episodes = setup.episodes.slice(start, start + episode_batch)
-        batch = episode_tensors(bank, episodes, positions, None, head_config, training=False)
-        logits = head(batch.support, batch.support_labels, batch.query, batch.class_text).logits
-        accuracies.append(tally(logits, episodes, confusion))
-    head.train(was_training)
+    total = len(setup.episodes)
+    bar = tqdm(total=total, unit="episode", desc="eval", disable=not progress)
+    try:
+        for start in range(0, total, episode_batch):
+            episodes = setup.episodes.slice(start, start + episode_batch)
+            batch = episode_tensors(bank, episodes, positions, None, head_config, training=False)
+            logits = head(batch.support, batch.support_labels, batch.query, batch.class_text)
+            accuracies.append(tally(logits.logits, episodes, confusion))
+            bar.update(len(episodes))
+    finally:
+        bar.close()
+        head.train(was_training)
     return EvalOutcome(torch.cat(accuracies).numpy(), confusion.numpy())
 
 
 def tally(logits: torch.Tensor, episodes: EpisodeIndex, confusion: torch.Tensor) -> torch.Tensor:
     """Per-episode accuracy (float64 [B], CPU) of logits [B, Q, N]; adds each query's
-    (true, predicted) dataset-class pair to ``confusion`` (long [C, C])."""
+    (true, predicted) dataset-class pair to ``confusion`` (long [C, C]).
+
+    Non-finite logits raise ``NonFiniteScores``: argmax would still pick a class."""
+    if not bool(torch.isfinite(logits).all()):
+        raise NonFiniteScores(
+            "the head gave NaN or infinite scores: no accuracy can be computed (a diverged "
+            "head, or NaN features: check the store with fsar cache verify)"
+        )
     predicted = logits.argmax(-1).cpu()  # [B, Q]
     query_labels = episodes.query_labels.cpu()
     classes = episodes.classes.cpu()  # [B, N] dataset ids

@@ -16,6 +16,7 @@ dataset with the encoder so that ``fsar eval`` scores them on the store.
 from __future__ import annotations
 
 import json
+import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
@@ -31,6 +32,7 @@ from tqdm import tqdm
 from fsar.config import Config, ConfigError, build_dataclass, to_dict
 from fsar.data.datasets import load_dataset
 from fsar.data.frames import FramePolicy, parse_frame_policy
+from fsar.data.split_registry import _write_atomic as write_atomic
 from fsar.data.transforms import Preprocess
 from fsar.devices import resolve_device
 from fsar.errors import FsarError
@@ -40,9 +42,9 @@ from fsar.extract.layers import LayerTaps
 from fsar.extract.prompts import encode_class_names, resolve_templates
 from fsar.extract.runner import cpu_threads_beside_workers, encoder_spec
 from fsar.heads import episode_loss
+from fsar.interrupts import Interrupted, stop_on_signals
 from fsar.pipelines.backbone import VideoModel, enable_grad_checkpointing, freeze_first_blocks
 from fsar.pipelines.build import aux_weights, build_head, hsmr_layer, video_text_inputs
-from fsar.pipelines.checkpoint import load_checkpoint, save_checkpoint
 from fsar.pipelines.clips import (
     TrainEpisodes,
     VideoSplit,
@@ -52,14 +54,18 @@ from fsar.pipelines.clips import (
 )
 from fsar.pipelines.e2e_eval import autocast_for, evaluate_cached, evaluate_decoded
 from fsar.pipelines.episodes import EpisodeSampler, EpisodeShape, fixed_episodes
-from fsar.pipelines.train import MetricLogger, RunState, TrainingDiverged, train_shape
+from fsar.pipelines.evaluate import NonFiniteScores
+from fsar.pipelines.run_checkpoints import FINETUNE_COMPARED, kept_files, save_run_checkpoints
+from fsar.pipelines.train import (
+    MetricLogger,
+    RunState,
+    TrainingDiverged,
+    check_parameters,
+    start_or_resume,
+    train_shape,
+)
 
 REGIME = "e2e"
-# Config sections that must agree between a run and the last.pt it resumes.
-RESUME_SECTIONS = ("dataset", "model", "extract", "head", "protocol", "episodes", "train")
-# finetune.* keys that change the numbers (workers, checkpointing, validation mode only change
-# speed or memory, so a resumed run may switch them, e.g. after an out-of-memory stop)
-RESUME_FINETUNE_KEYS = ("backbone_lr", "freeze_blocks", "episode_batch", "flip")
 
 
 class FinetuneOutOfMemory(FsarError, RuntimeError):
@@ -198,19 +204,11 @@ def finetune(config: Config, progress: bool = True) -> FinetuneResult:
         enable_grad_checkpointing(model.visual)
     optimizer = build_optimizer(model, config)
     record = run_record(config, setup, dataset, train_videos, select_episodes, dist, frozen)
-    state = RunState()
-    last = out / "last.pt"
-    if tr.resume and last.exists():
-        state = resume(last, model, optimizer, record)
-    elif out.exists() and any(out.glob("*.pt")) and not tr.resume:
-        raise ConfigError(
-            f"{out} already holds checkpoints: pick a new --out or set train.resume=true"
-        )
+    state, payload = resume(out, tr.resume, model, optimizer, record, dist)
     if dist.rank == 0:
-        if state.step:
-            MetricLogger.drop_after(out, state.step)  # lines a killed run wrote past last.pt
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(record, indent=2) + "\n")
+        MetricLogger.drop_after(out, state.step)  # lines a killed run wrote past last.pt
+        write_atomic(out / "config.json", (json.dumps(record, indent=2) + "\n").encode())
     barrier(dist)
     trained = (
         DistributedDataParallel(
@@ -238,6 +236,7 @@ def finetune(config: Config, progress: bool = True) -> FinetuneResult:
         collate_fn=collate_episodes,
         prefetch_factor=ft.prefetch if ft.workers else None,
         pin_memory=device.type == "cuda",
+        worker_init_fn=ignore_interrupts_in_worker,
     )
     train_classes = torch.unique(train_videos.class_ids)
     logger = MetricLogger(out, enabled=dist.rank == 0)
@@ -248,7 +247,9 @@ def finetune(config: Config, progress: bool = True) -> FinetuneResult:
     started, episodes_done = time.perf_counter(), 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    with cpu_threads_beside_workers(device, ft.workers):
+    saver = Saver(out, model, optimizer, record, state, payload is not None, dist.rank == 0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    with cpu_threads_beside_workers(device, ft.workers), stop_on_signals() as stop:
         while state.step < tr.steps:
             trained.train()
             optimizer.zero_grad(set_to_none=True)
@@ -268,9 +269,17 @@ def finetune(config: Config, progress: bool = True) -> FinetuneResult:
                     raise
                 raise FinetuneOutOfMemory(oom_message(config, device)) from err
             optimizer.step()
+            totals = all_reduced(totals, dist, device)
+            # every rank sees the same summed loss and the same (all-reduced) parameters, so
+            # all of them stop here together
+            if not bool(torch.isfinite(totals[0])):
+                raise TrainingDiverged(
+                    f"loss is {float(totals[0])} at step {state.step + 1}; stopped, nothing of "
+                    f"it was written. Kept: {kept_files(out)} (lower train.lr or "
+                    "finetune.backbone_lr)"
+                )
+            check_parameters(params, state.step + 1, "train.lr or finetune.backbone_lr", out)
             state.step += 1
-            if dist.world_size > 1:
-                torch_dist.all_reduce(totals)
             episodes_done += tr.tasks_per_batch
             rate = episodes_done / max(time.perf_counter() - started, 1e-9)
             metrics = {
@@ -288,10 +297,16 @@ def finetune(config: Config, progress: bool = True) -> FinetuneResult:
             if state.step % tr.val_every == 0 or state.step == tr.steps:
                 if dist.rank == 0:
                     validate_and_save(
-                        model, optimizer, setup, select_videos, select_episodes, state, record,
-                        out, logger, config, show,
+                        model, setup, select_videos, select_episodes, state, logger, config,
+                        show, saver,
                     )  # fmt: skip
                 barrier(dist)
+            signum = agreed_signal(stop.signum, dist, device)
+            if signum:  # the safe point: the step is done, its state goes to last.pt
+                saver.last()
+                barrier(dist)
+                bar.close()
+                raise Interrupted(signum, f"kept: {kept_files(out)}")
     bar.close()
     logger.close()
     return FinetuneResult(
@@ -344,12 +359,8 @@ def train_micro_batch(
             class_text[index.classes],
             **extras,
         )
+    # a non-finite loss is caught after the step, on the all-reduced sum (so every rank stops)
     loss = episode_loss(output, index.query_labels, aux_weights(config.head, set(output.aux)))
-    if not torch.isfinite(loss):
-        raise TrainingDiverged(
-            f"loss is {loss.item()} at tasks {batch.tasks}; stopped. last.pt still holds the "
-            "last good state (lower train.lr or finetune.backbone_lr)"
-        )
     (loss * scale).backward()
     correct = (output.logits.argmax(-1) == index.query_labels).sum()
     episodes = len(batch.tasks)
@@ -402,38 +413,86 @@ def oom_message(config: Config, device: torch.device) -> str:
 
 
 def validate_and_save(
-    model, optimizer, setup, videos, episodes, state, record, out, logger, config, show
+    model, setup, videos, episodes, state, logger, config: Config, show: bool, saver: Saver
 ) -> None:
     ft = config.finetune
     score = evaluate_cached if ft.validation == "cached" else evaluate_decoded
     kwargs = {"head_config": config.head} if ft.validation == "cached" else {}
-    result = score(
-        model,
-        videos,
-        episodes,
-        setup.class_text,
-        setup.policy,
-        setup.prep,
-        workers=ft.workers,
-        bf16=config.train.bf16,
-        backend=config.extract.decode_backend,
-        progress=show,
-        **kwargs,
-    )
+    try:
+        result = score(
+            model,
+            videos,
+            episodes,
+            setup.class_text,
+            setup.policy,
+            setup.prep,
+            workers=ft.workers,
+            bf16=config.train.bf16,
+            backend=config.extract.decode_backend,
+            progress=show,
+            **kwargs,
+        )
+    except NonFiniteScores as err:
+        raise TrainingDiverged(
+            f"{err} at step {state.step}; stopped, nothing of it was written. Kept: "
+            f"{kept_files(saver.out)} (lower train.lr or finetune.backbone_lr)"
+        ) from err
     improved = state.record_validation(result, config.protocol.selection_split, logger)
-    payload = {
-        "visual": model.visual.state_dict(),
-        "head": model.head.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "step": state.step,
-        "best_step": state.best_step,
-        "best_accuracy": state.best_accuracy,
-        "history": list(state.history),
-        **record,
-    }
-    save_checkpoint(out / "last.pt", payload)
-    if improved:
-        save_checkpoint(out / "best.pt", payload)
+    saver.save(improved)
+
+
+class Saver:
+    """Rank 0 writes the run's checkpoints; remembers the step last.pt holds."""
+
+    def __init__(self, out: Path, model, optimizer, record, state, resumed: bool, writer: bool):
+        self.out, self.model, self.optimizer, self.record = out, model, optimizer, record
+        self.state, self.writer = state, writer
+        self.step = state.step if resumed else None
+
+    def save(self, improved: bool) -> None:
+        if self.writer:
+            payload = {
+                "visual": self.model.visual.state_dict(),
+                "head": self.model.head.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "step": self.state.step,
+                "best_step": self.state.best_step,
+                "best_accuracy": self.state.best_accuracy,
+                "history": list(self.state.history),
+                **self.record,
+            }
+            save_run_checkpoints(self.out, payload, improved)
+        self.step = self.state.step
+
+    def last(self) -> None:
+        """last.pt at the current step, unless it already holds it."""
+        if self.step != self.state.step:
+            self.save(improved=False)
+
+
+def all_reduced(values: torch.Tensor, dist: DistContext, device: torch.device) -> torch.Tensor:
+    """The sum over ranks (on the device: NCCL reduces CUDA tensors only)."""
+    if dist.world_size == 1:
+        return values
+    on_device = values.to(device if device.type == "cuda" else "cpu")
+    torch_dist.all_reduce(on_device)
+    return on_device.cpu()
+
+
+def agreed_signal(signum: int | None, dist: DistContext, device: torch.device) -> int:
+    """The stop signal any rank received (0: none), the same on every rank."""
+    if dist.world_size == 1:
+        return signum or 0
+    flag = torch.tensor([float(signum or 0)], dtype=torch.float64)
+    flag = flag.to(device if device.type == "cuda" else "cpu")
+    torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
+    return int(flag.item())
+
+
+def ignore_interrupts_in_worker(_worker_id: int) -> None:
+    """Decode workers leave Ctrl-C (sent to the whole process group) to the main process,
+    which stops at its next safe point and then shuts them down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def run_record(
@@ -489,31 +548,26 @@ def run_record(
     }
 
 
-def resume(last: Path, model: VideoModel, optimizer, record) -> RunState:
-    payload = load_checkpoint(last)
+def resume(
+    out: Path, resume: bool, model: VideoModel, optimizer, record, dist: DistContext
+) -> tuple[RunState, dict[str, Any] | None]:
+    """``start_or_resume`` (rank 0 repairs best.pt first), then the weights of last.pt."""
+    if dist.rank == 0:
+        state, payload = start_or_resume(out, resume, record, FINETUNE_COMPARED)
+    barrier(dist)
+    if dist.rank != 0:
+        state, payload = start_or_resume(out, resume, record, FINETUNE_COMPARED, repair=False)
+    if payload is None:
+        return state, None
     if payload.get("regime") != REGIME:
-        raise ConfigError(f"{last} is not from fsar finetune: pick a new --out")
-    changed = [
-        section
-        for section in RESUME_SECTIONS
-        if payload["config"][section] != record["config"][section]
-    ]
-    changed += [
-        f"finetune.{key}"
-        for key in RESUME_FINETUNE_KEYS
-        if payload["config"]["finetune"][key] != record["config"]["finetune"][key]
-    ]
-    if changed:
-        raise ConfigError(
-            f"{last} was written with other {', '.join(changed)} settings; resuming would mix "
-            "two runs: pick a new --out (or restore the settings)"
-        )
-    if payload["world_size"] != record["world_size"]:
+        raise ConfigError(f"{out / 'last.pt'} is not from fsar finetune: pick a new --out")
+    if payload["world_size"] != record["world_size"] and dist.rank == 0:
         print(
-            f"note: {last} was written by {payload['world_size']} process(es), this run has "
-            f"{record['world_size']}: the episodes are the same, float sums may differ slightly"
+            f"note: {out / 'last.pt'} was written by {payload['world_size']} process(es), this "
+            f"run has {record['world_size']}: the episodes are the same, float sums may differ "
+            "slightly"
         )
     model.visual.load_state_dict(payload["visual"])
     model.head.load_state_dict(payload["head"])
     optimizer.load_state_dict(payload["optimizer"])
-    return RunState.from_checkpoint(payload)
+    return state, payload

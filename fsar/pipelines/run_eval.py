@@ -20,7 +20,13 @@ from fsar.config import Config, ConfigError, HeadConfig, ProtocolConfig, build_d
 from fsar.devices import resolve_device
 from fsar.heads import FewShotHead, load_official
 from fsar.pipelines.build import build_head
-from fsar.pipelines.checkpoint import check_store_fits, encoder_recipe, load_checkpoint
+from fsar.pipelines.checkpoint import (
+    NonFiniteWeights,
+    check_store_fits,
+    encoder_recipe,
+    load_checkpoint,
+    non_finite_entries,
+)
 from fsar.pipelines.episodes import EpisodeShape, fixed_episodes
 from fsar.pipelines.evaluate import EvalOutcome, EvalSetup, evaluate_episodes
 
@@ -50,10 +56,12 @@ def load_head_source(
         protocol = build_dataclass(ProtocolConfig, payload["protocol"], "protocol.")
         head = build_head(head_config, payload["feature_dim"], payload["layer_dims"])
         head.load_state_dict(payload["head"])
+        check_finite_weights(head, str(checkpoint))
         return HeadSource(head.to(device), head_config, protocol, payload, head_config.name)
     head = build_head(config.head, bank.feature_dim, bank.layer_dims)
     if ev.official:
         load_official(head, ev.official)
+        check_finite_weights(head, ev.official)
     elif any(True for _ in head.parameters()):
         raise ConfigError(
             f"head {config.head.name} has trained parameters: pass eval.checkpoint (a best.pt "
@@ -62,14 +70,26 @@ def load_head_source(
     return HeadSource(head.to(device), config.head, config.protocol, None, config.head.name)
 
 
+def check_finite_weights(head: torch.nn.Module, source: str) -> None:
+    """Refuse a head whose weights hold NaN or inf: every score it gives is meaningless."""
+    bad = non_finite_entries(head.state_dict())
+    if bad:
+        raise NonFiniteWeights(
+            f"{source} holds NaN or infinite weights ({len(bad)} tensor(s), e.g. {bad[0]}): it "
+            "cannot be scored; retrain it (a lower train.lr)"
+        )
+
+
 def run_evaluation(
-    config: Config, checkpoint: str | None = None
+    config: Config, checkpoint: str | None = None, progress: bool = True
 ) -> tuple[dict[str, Any], EvalOutcome]:
-    """Evaluate; returns the result record (also written to eval.out) and the raw outcome."""
+    """Evaluate; returns the result record (also written to eval.out) and the raw outcome.
+
+    ``progress`` shows a bar over the episodes on stderr."""
     ev = config.eval
     checkpoint = checkpoint if checkpoint is not None else ev.checkpoint
     if ev.decode:
-        return run_decoded_evaluation(config, checkpoint)
+        return run_decoded_evaluation(config, checkpoint, progress)
     device = resolve_device(ev.device)
     store_path = ev.store or config.train.store
     if not store_path and checkpoint:
@@ -89,7 +109,9 @@ def run_evaluation(
     setup = EvalSetup(
         bank, episodes, int(store.recipe["seq_len"]), source.protocol.test_frames, ev.seed
     )
-    outcome = evaluate_episodes(source.head, setup, source.head_config, ev.episode_batch)
+    outcome = evaluate_episodes(
+        source.head, setup, source.head_config, ev.episode_batch, progress=progress
+    )
     result = result_record(config, store, bank, setup, source, outcome, checkpoint)
     out = result_path(config, checkpoint, shape)
     write_result(result, outcome, bank.class_names, out)
@@ -105,7 +127,9 @@ def regime_of(payload: dict[str, Any] | None, decoded: bool) -> str:
     return "e2e, decoded" if decoded else "e2e, re-extracted store"
 
 
-def run_decoded_evaluation(config: Config, checkpoint: str | None) -> tuple[dict, EvalOutcome]:
+def run_decoded_evaluation(
+    config: Config, checkpoint: str | None, progress: bool = True
+) -> tuple[dict, EvalOutcome]:
     """``fsar eval --decode``: a finetune checkpoint scored on decoded videos of dataset.root."""
     from fsar.data.datasets import load_dataset
     from fsar.pipelines.clips import video_split
@@ -133,6 +157,7 @@ def run_decoded_evaluation(config: Config, checkpoint: str | None) -> tuple[dict
         splits=[ev.split],
     )
     setup = load_video_model(payload, dataset.class_names, device)
+    check_finite_weights(setup.model, str(checkpoint))
     videos = video_split(dataset, ev.split)
     shape = EpisodeShape(config.episodes.way, config.episodes.shot, config.episodes.query)
     episodes = fixed_episodes(videos, shape, ev.episodes, ev.seed)
@@ -146,7 +171,7 @@ def run_decoded_evaluation(config: Config, checkpoint: str | None) -> tuple[dict
         workers=trained.finetune.workers,
         bf16=trained.train.bf16,
         backend=trained.extract.decode_backend,
-        progress=True,
+        progress=progress,
     )
     head_config, protocol = trained.head, trained.protocol
     result = {

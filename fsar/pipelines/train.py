@@ -5,7 +5,9 @@ batching) with gradient accumulation in between. Validation runs every ``val_eve
 fixed episode list of ``protocol.selection_split``; ``last.pt`` is written then and ``best.pt``
 when the validation accuracy improves. Every random state lives in the checkpoint, so a run
 killed at any moment and restarted with the same command ends with the same weights as an
-uninterrupted one (bitwise on CPU).
+uninterrupted one (bitwise on CPU). SIGINT / SIGTERM stop the loop after the current step with
+``last.pt`` written at it; a non-finite loss, parameter or score stops it before anything
+non-finite is validated or written (``run_checkpoints`` holds the write order and resume checks).
 """
 
 from __future__ import annotations
@@ -24,22 +26,35 @@ from tqdm import tqdm
 from fsar.cache import open_store
 from fsar.cache.bank import FeatureBank, load_bank
 from fsar.config import Config, ConfigError, check_head_batching, to_dict
+from fsar.data.split_registry import _write_atomic as write_atomic
 from fsar.devices import resolve_device
 from fsar.errors import FsarError
 from fsar.heads import FewShotHead, episode_loss
+from fsar.interrupts import stop_on_signals
 from fsar.pipelines.build import aux_weights, build_head, episode_tensors, hsmr_layer
-from fsar.pipelines.checkpoint import encoder_recipe, load_checkpoint, save_checkpoint
+from fsar.pipelines.checkpoint import encoder_recipe
 from fsar.pipelines.episodes import (
     EpisodeSampler,
     EpisodeShape,
     fixed_episodes,
     train_positions,
 )
-from fsar.pipelines.evaluate import EvalSetup, evaluate_episodes
+from fsar.pipelines.evaluate import EvalSetup, NonFiniteScores, evaluate_episodes
+from fsar.pipelines.run_checkpoints import (
+    TRAIN_COMPARED,
+    check_resumable,
+    clean_stray_files,
+    kept_files,
+    read_last,
+    reconcile,
+    save_run_checkpoints,
+)
 
 
 class TrainingDiverged(FsarError, RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is left untouched."""
+    """The loss, the parameters or the validation scores became NaN or infinite.
+
+    Nothing non-finite is written; the message says which checkpoints the run leaves."""
 
 
 @dataclass
@@ -98,28 +113,16 @@ def train_heads(config: Config, progress: bool = True) -> TrainResult:
         else None
     )
     generator = torch.Generator().manual_seed(tr.seed)
-    state = RunState()
     record = run_record(config, store, train_bank, select)
-    last = out / "last.pt"
-    if tr.resume and last.exists():
-        state = resume(last, head, optimizer, generator, record, device)
-        MetricLogger.drop_after(out, state.step)  # lines a killed run wrote past its checkpoint
-    elif out.exists() and any(out.glob("*.pt")) and not tr.resume:
-        raise ConfigError(
-            f"{out} already holds checkpoints: pick a new --out or set train.resume=true"
-        )
+    state, payload = start_or_resume(out, tr.resume, record, TRAIN_COMPARED)
+    if payload is not None:
+        restore(payload, head, optimizer, generator, device)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(record, indent=2) + "\n")
+    MetricLogger.drop_after(out, state.step)  # lines a killed run wrote past its checkpoint
+    write_atomic(out / "config.json", (json.dumps(record, indent=2) + "\n").encode())
     steps = tr.steps if optimizer is not None else 0
     logger = MetricLogger(out, enabled=True)
     train_classes = torch.unique(train_bank.class_ids)
-    bar = tqdm(
-        total=steps,
-        initial=state.step,
-        unit="step",
-        desc=f"train {config.head.name}",
-        disable=not progress,
-    )
     started, episodes_done = time.perf_counter(), 0
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16)
@@ -127,64 +130,127 @@ def train_heads(config: Config, progress: bool = True) -> TrainResult:
         else nullcontext()
     )
     micro_batches = tr.tasks_per_batch // tr.episode_batch
-    while state.step < steps:
-        head.train()
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum, correct, total = 0.0, 0, 0
-        for _ in range(micro_batches):
-            episodes = sampler.sample(tr.episode_batch, generator)
-            positions, views = jitter_used_videos(train_bank, episodes, seq_len, generator)
-            batch = episode_tensors(
-                train_bank, episodes, positions, views.to(device), config.head, True, train_classes
+    saver = Saver(out, head, optimizer, generator, record, state, payload is not None)
+    show = progress and optimizer is not None  # a head without parameters has nothing to train
+    bar = tqdm(total=steps, initial=state.step, unit="step", desc=f"train {config.head.name}",
+               disable=not show)  # fmt: skip
+    with stop_on_signals() as stop, bar:
+        while state.step < steps:
+            head.train()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum, correct, total = 0.0, 0, 0
+            for _ in range(micro_batches):
+                episodes = sampler.sample(tr.episode_batch, generator)
+                positions, views = jitter_used_videos(train_bank, episodes, seq_len, generator)
+                batch = episode_tensors(
+                    train_bank, episodes, positions, views.to(device), config.head, True,
+                    train_classes,
+                )  # fmt: skip
+                with autocast:
+                    output = head(
+                        batch.support,
+                        batch.support_labels,
+                        batch.query,
+                        batch.class_text,
+                        query_labels=batch.query_labels,
+                        **batch.extras,
+                    )
+                weights = aux_weights(config.head, set(output.aux))
+                loss = episode_loss(output, batch.query_labels, weights)
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"loss is {loss.item()} at step {state.step + 1}; stopped. Kept: "
+                        f"{kept_files(out)} (lower train.lr or check the store with "
+                        "fsar cache verify)"
+                    )
+                (loss * tr.episode_batch / tr.tasks_per_batch).backward()
+                loss_sum += loss.item() * tr.episode_batch
+                correct += int((output.logits.argmax(-1) == batch.query_labels).sum())
+                total += batch.query_labels.numel()
+            optimizer.step()
+            check_parameters(params, state.step + 1, f"train.lr (now {tr.lr})", out)
+            state.step += 1
+            episodes_done += tr.tasks_per_batch
+            rate = episodes_done / max(time.perf_counter() - started, 1e-9)
+            metrics = {
+                "step": state.step,
+                "loss": loss_sum / tr.tasks_per_batch,
+                "train_accuracy": 100.0 * correct / total,
+                "episodes_per_s": rate,
+            }
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{metrics['loss']:.3f}",
+                acc=f"{metrics['train_accuracy']:.1f}",
+                eps=f"{rate:.1f}",
             )
-            with autocast:
-                output = head(
-                    batch.support,
-                    batch.support_labels,
-                    batch.query,
-                    batch.class_text,
-                    query_labels=batch.query_labels,
-                    **batch.extras,
-                )
-            weights = aux_weights(config.head, set(output.aux))
-            loss = episode_loss(output, batch.query_labels, weights)
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"loss is {loss.item()} at step {state.step + 1}; stopped. {last} still "
-                    "holds the last good state (lower train.lr or check the store with "
-                    "fsar cache verify)"
-                )
-            (loss * tr.episode_batch / tr.tasks_per_batch).backward()
-            loss_sum += loss.item() * tr.episode_batch
-            correct += int((output.logits.argmax(-1) == batch.query_labels).sum())
-            total += batch.query_labels.numel()
-        optimizer.step()
-        state.step += 1
-        episodes_done += tr.tasks_per_batch
-        rate = episodes_done / max(time.perf_counter() - started, 1e-9)
-        metrics = {
-            "step": state.step,
-            "loss": loss_sum / tr.tasks_per_batch,
-            "train_accuracy": 100.0 * correct / total,
-            "episodes_per_s": rate,
-        }
-        bar.update(1)
-        bar.set_postfix(
-            loss=f"{metrics['loss']:.3f}", acc=f"{metrics['train_accuracy']:.1f}", eps=f"{rate:.1f}"
-        )
-        if state.step % tr.log_every == 0:
-            logger.log("train", metrics)
-        if state.step % tr.val_every == 0 or state.step == steps:
-            validate_and_save(
-                head, optimizer, generator, select, state, record, out, logger, config
-            )
-    bar.close()
+            if state.step % tr.log_every == 0:
+                logger.log("train", metrics)
+            if state.step % tr.val_every == 0 or state.step == steps:
+                validate_and_save(head, select, state, logger, config, saver)
+            if stop.requested:  # the safe point: the step is done, its state goes to last.pt
+                saver.last()
+                stop.check(f"kept: {kept_files(out)}")
     if steps == 0 and not (out / "best.pt").exists():  # nothing to train: score it once
-        validate_and_save(head, optimizer, generator, select, state, record, out, logger, config)
+        validate_and_save(head, select, state, logger, config, saver)
     logger.close()
     return TrainResult(
         out, state.step, state.best_step, state.best_accuracy, state.history, state.resumed_from
     )
+
+
+def start_or_resume(
+    out: Path, resume: bool, record: dict[str, Any], compared: tuple[str, ...], repair: bool = True
+) -> tuple[RunState, dict[str, Any] | None]:
+    """A fresh state, or the state and payload of ``out/last.pt`` when the run is resumed.
+
+    ``best.pt`` is repaired first if a kill came between the two checkpoint writes; a run written
+    with other settings is refused (``check_resumable`` names each differing key). Ranks other
+    than 0 of a distributed run pass ``repair=False``: they read what rank 0 made agree.
+    """
+    if not resume and out.exists() and any(out.glob("*.pt")):
+        raise ConfigError(
+            f"{out} already holds checkpoints: pick a new --out or set train.resume=true"
+        )
+    if repair:
+        clean_stray_files(out)
+    if not resume:
+        return RunState(), None
+    payload = reconcile(out) if repair else read_last(out)
+    if payload is None:
+        return RunState(), None
+    check_resumable(out / "last.pt", payload, record, compared)
+    return RunState.from_checkpoint(payload), payload
+
+
+def check_parameters(params, step: int, lr: str, out: Path) -> None:
+    """Stop before a diverged state can be validated or saved."""
+    if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+        raise TrainingDiverged(
+            f"parameters became NaN or inf at step {step}; stopped, nothing of it was written. "
+            f"Kept: {kept_files(out)} (lower {lr})"
+        )
+
+
+class Saver:
+    """Writes the run's checkpoints; remembers the step last.pt holds."""
+
+    def __init__(self, out: Path, head, optimizer, generator, record, state, resumed: bool):
+        self.out, self.head, self.optimizer, self.generator = out, head, optimizer, generator
+        self.record, self.state = record, state
+        self.step = state.step if resumed else None
+
+    def save(self, improved: bool) -> None:
+        payload = checkpoint_payload(
+            self.head, self.optimizer, self.generator, self.state, self.record
+        )
+        save_run_checkpoints(self.out, payload, improved)
+        self.step = self.state.step
+
+    def last(self) -> None:
+        """last.pt at the current step, unless it already holds it."""
+        if self.step != self.state.step:
+            self.save(improved=False)
 
 
 def jitter_used_videos(bank: FeatureBank, episodes, seq_len: int, generator: torch.Generator):
@@ -236,15 +302,16 @@ class RunState:
         return improved
 
 
-def validate_and_save(
-    head, optimizer, generator, select, state, record, out, logger, config
-) -> None:
-    result = evaluate_episodes(head, select, config.head, config.eval.episode_batch)
+def validate_and_save(head, select, state: RunState, logger, config: Config, saver: Saver) -> None:
+    try:
+        result = evaluate_episodes(head, select, config.head, config.eval.episode_batch)
+    except NonFiniteScores as err:
+        raise TrainingDiverged(
+            f"{err} at step {state.step}; stopped, nothing of it was written. Kept: "
+            f"{kept_files(saver.out)} (lower train.lr)"
+        ) from err
     improved = state.record_validation(result, config.protocol.selection_split, logger)
-    payload = checkpoint_payload(head, optimizer, generator, state, record)
-    save_checkpoint(out / "last.pt", payload)
-    if improved:
-        save_checkpoint(out / "best.pt", payload)
+    saver.save(improved)
 
 
 def checkpoint_payload(head, optimizer, generator, state: RunState, record) -> dict[str, Any]:
@@ -291,21 +358,8 @@ def run_record(config: Config, store, train_bank: FeatureBank, select) -> dict[s
     }
 
 
-def resume(last: Path, head: FewShotHead, optimizer, generator, record, device) -> RunState:
-    payload = load_checkpoint(last)
-    if payload["store"]["fingerprint"] != record["store"]["fingerprint"]:
-        raise ConfigError(
-            f"{last} was trained on another store ({payload['store']['path']}, fingerprint "
-            f"{payload['store']['fingerprint'][:12]}); pick a new --out or train.resume=false"
-        )
-    if (
-        payload["config"]["head"] != record["config"]["head"]
-        or payload["config"]["train"] != record["config"]["train"]
-    ):
-        raise ConfigError(
-            f"{last} was written with other head or train settings; resuming would mix two "
-            "runs: pick a new --out"
-        )
+def restore(payload: dict[str, Any], head: FewShotHead, optimizer, generator, device) -> None:
+    """Weights, optimizer and every random state of a last.pt, for an exact resume."""
     head.load_state_dict(payload["head"])
     if optimizer is not None:
         optimizer.load_state_dict(payload["optimizer"])
@@ -313,7 +367,6 @@ def resume(last: Path, head: FewShotHead, optimizer, generator, record, device) 
     torch.set_rng_state(payload["rng"]["torch"])
     if "cuda" in payload["rng"] and device.type == "cuda":
         torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
-    return RunState.from_checkpoint(payload)
 
 
 class MetricLogger:
@@ -336,7 +389,7 @@ class MetricLogger:
         if path.exists():
             lines = [line for line in path.read_text().splitlines() if line.strip()]
             kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
-            path.write_text("".join(line + "\n" for line in kept))
+            write_atomic(path, "".join(line + "\n" for line in kept).encode())
 
     def log(self, kind: str, metrics: dict[str, Any]) -> None:
         with self.path.open("a") as file:
