@@ -23,6 +23,7 @@ from fsar.pipelines.build import build_head
 from fsar.pipelines.checkpoint import check_store_fits, encoder_recipe, load_checkpoint
 from fsar.pipelines.episodes import EpisodeShape, fixed_episodes
 from fsar.pipelines.evaluate import EvalOutcome, EvalSetup, evaluate_episodes
+from fsar.pipelines.frame_plan import check_store_frames
 
 RESULT_KIND = "fsar-eval/1"
 
@@ -80,6 +81,14 @@ def run_evaluation(
             "re-extracted with --checkpoint, or --decode --root VIDEOS)"
         )
     store = open_store(Path(store_path))
+    dataset = store.recipe.get("dataset")
+    if checkpoint:  # the frames the head was trained for; refused before loading the split
+        protocol = load_checkpoint(checkpoint)["protocol"]
+        test_frames = protocol.get("test_frames", "cached")
+    else:
+        test_frames = config.protocol.test_frames
+    frames = str(store.recipe.get("frames", ""))
+    check_store_frames("protocol.test_frames", test_frames, frames, dataset, store.path)
     bank = load_bank(store, ev.split, device, ["center"], [])
     source = load_head_source(config, checkpoint, device, bank)
     if source.checkpoint is not None:
@@ -87,7 +96,12 @@ def run_evaluation(
     shape = EpisodeShape(config.episodes.way, config.episodes.shot, config.episodes.query)
     episodes = fixed_episodes(bank, shape, ev.episodes, ev.seed)
     setup = EvalSetup(
-        bank, episodes, int(store.recipe["seq_len"]), source.protocol.test_frames, ev.seed
+        bank,
+        episodes,
+        int(store.recipe["seq_len"]),
+        source.protocol.test_frames,
+        ev.seed,
+        dataset,
     )
     outcome = evaluate_episodes(source.head, setup, source.head_config, ev.episode_batch)
     result = result_record(config, store, bank, setup, source, outcome, checkpoint)
