@@ -124,7 +124,7 @@ def run_decoded_evaluation(config: Config, checkpoint: str | None) -> tuple[dict
     from fsar.data.datasets import load_dataset
     from fsar.pipelines.clips import video_split
     from fsar.pipelines.e2e_eval import evaluate_decoded
-    from fsar.pipelines.finetune import load_video_model
+    from fsar.pipelines.finetune import load_video_model, test_frame_options
 
     ev = config.eval
     if not checkpoint:
@@ -161,6 +161,7 @@ def run_decoded_evaluation(config: Config, checkpoint: str | None) -> tuple[dict
         bf16=trained.train.bf16,
         backend=trained.extract.decode_backend,
         progress=True,
+        **{**test_frame_options(trained), "seed": ev.seed},
     )
     head_config, protocol = trained.head, trained.protocol
     result = {
