@@ -47,7 +47,7 @@ class FeatureBank:
     # fps: what release frame rules on a dense store need (fsar.pipelines.frame_plan)
     frame_index: np.ndarray | None = None  # int32 [V_n, T_cap]
     source_length: np.ndarray | None = None  # int32 [V_n] (0 = not recorded)
-    fps: np.ndarray | None = None  # float32 [V_n] (nan = not recorded)
+    fps: np.ndarray | None = None  # float32 [V_n] (0 = not recorded)
     frame_policy: str = ""  # the store's extract.frames, e.g. 'dense:512'
 
     @property

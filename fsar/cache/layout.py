@@ -235,7 +235,7 @@ def array_specs(layout: StoreLayout) -> list[ArraySpec]:
         # decoded length and average fps of the source video: CLIP-FSAR's Kinetics-100 clip
         # depends on both, so a dense store can replay the release's indices
         ArraySpec("videos/source_length", "int32", (n,), (k,), 0),
-        ArraySpec("videos/fps", "float32", (n,), (k,), float("nan")),
+        ArraySpec("videos/fps", "float32", (n,), (k,), 0.0),
         ArraySpec("classes/name", "str", (c,), (c,), ""),
         ArraySpec("classes/text", "float32", (c, d), (c, d), 0.0),
         ArraySpec("classes/text_per_prompt", "float32", (c, p, d), (c, p, d), 0.0),
@@ -260,7 +260,7 @@ class BlockData:
     status: np.ndarray  # uint8 [B]
     errors: list[str]  # B messages, "" unless failed
     source_length: np.ndarray | None = None  # int32 [B] decoded source frames (0 = unknown)
-    fps: np.ndarray | None = None  # float32 [B] average fps of the source (nan = unknown)
+    fps: np.ndarray | None = None  # float32 [B] average fps of the source (0 = unknown)
 
 
 def empty_block(layout: StoreLayout, b: int) -> BlockData:
@@ -277,7 +277,7 @@ def empty_block(layout: StoreLayout, b: int) -> BlockData:
         status=np.zeros(b, np.uint8),
         errors=[""] * b,
         source_length=np.zeros(b, np.int32),
-        fps=np.full(b, np.nan, np.float32),
+        fps=np.zeros(b, np.float32),
     )
 
 

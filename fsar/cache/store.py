@@ -185,9 +185,9 @@ class FeatureStore:
 
     @property
     def fps(self) -> np.ndarray:
-        """float32 [N] average fps of each source video (nan = not recorded)."""
+        """float32 [N] average fps of each source video (0 = not recorded)."""
         values = self._optional("videos/fps", None)
-        return np.full(self.layout.n_videos, np.nan, np.float32) if values is None else values
+        return np.zeros(self.layout.n_videos, np.float32) if values is None else values
 
     def split_indices(self, split: str, *, done_only: bool = True) -> np.ndarray:
         """int64 [n] store rows of the videos in ``split`` (only done ones by default)."""

@@ -176,7 +176,7 @@ class PyAVSource:
                     raise DecodeError(f"cannot decode {self.path}: no video stream")
                 stream = container.streams.video[0]
                 rate = stream.average_rate
-                self.fps = float(rate) if rate else float("nan")
+                self.fps = float(rate) if rate else 0.0
                 self.num_frames = sum(1 for packet in container.demux(stream) if packet.size > 0)
         except DecodeError:
             raise

@@ -33,7 +33,7 @@ class DecodedVideo:
     frame_index: np.ndarray  # int32 [n] source frame numbers
     error: str  # "" when decoded
     source_length: int = 0  # decoded frames of the source (0 = unknown)
-    fps: float = float("nan")  # average fps of the source (nan: unknown, e.g. a frame folder)
+    fps: float = 0.0  # average fps of the source (0: unknown, e.g. a frame folder)
 
 
 @dataclass
@@ -75,10 +75,10 @@ class DecodeDataset(Dataset):
         empty = np.zeros(0, dtype=np.int32)
         if job.path is None:
             return DecodedVideo(job.store_index, None, empty, "missing: not found under --root")
-        length, fps = 0, float("nan")
+        length, fps = 0, 0.0
         try:
             source = open_source(Path(job.path), backend=self.decode_backend)
-            length, fps = source.num_frames, float(getattr(source, "fps", float("nan")))
+            length, fps = source.num_frames, float(getattr(source, "fps", 0.0))
             indices = select_frames(self.policy, source.num_frames)
             frames = source.read(indices)  # uint8 [n, H, W, 3]
             views = [

@@ -92,7 +92,7 @@ def _read(videos: VideoSplit, row: int, pick, backend: str) -> np.ndarray:
     """uint8 [T, H, W, 3] frames ``pick(n_source_frames, fps)`` of video ``row``."""
     try:
         source = open_source(Path(videos.paths[row]), backend=backend, threads=1)
-        fps = float(getattr(source, "fps", float("nan")))  # frame folders have none
+        fps = float(getattr(source, "fps", 0.0))  # frame folders have none (0)
         return source.read(pick(source.num_frames, fps))
     except Exception as err:
         raise ClipError(

@@ -169,7 +169,7 @@ def encode_dense(
     frame_index = np.full((n, cap), -1, dtype=np.int32)
     n_frames = np.ones(n, dtype=np.int64)
     length = np.zeros(n, dtype=np.int32)
-    fps = np.full(n, np.nan, dtype=np.float32)
+    fps = np.zeros(n, dtype=np.float32)
     features = None
     bar = tqdm(total=len(rows), unit="video", desc="encode", disable=not progress, leave=False)
     for row, (pixels, index, source_length, source_fps) in zip(
