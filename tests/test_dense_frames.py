@@ -12,7 +12,7 @@ import torch
 
 from fsar.cache import open_store
 from fsar.cache.bank import load_bank
-from fsar.config import HeadConfig, load_config
+from fsar.config import HeadConfig, load_config, with_overrides
 from fsar.data.release_frames import (
     clipspm_indices,
     clipspm_pad,
@@ -155,27 +155,30 @@ def test_kinetics_resolves_to_the_fps_dependent_centred_clip(dense_store):
 
 def test_training_draws_the_release_rules_over_the_source_frames(dense_store):
     bank = load_bank(open_store(dense_store), "train")
-    episodes = fixed_episodes(bank, EpisodeShape(2, 1, 1), 4, seed=1)
-    used = torch.unique(torch.cat([episodes.support.flatten(), episodes.query.flatten()]))
+    episodes = fixed_episodes(bank, EpisodeShape(3, 1, 1), 8, seed=1)
     for rule in ("clipfsar_segment", "clipspm_train"):
-        generator = torch.Generator().manual_seed(5)
-        positions, _ = jitter_used_videos(bank, episodes, 8, generator, rule)
+        positions, _ = jitter_used_videos(bank, episodes, 8, torch.Generator().manual_seed(5), rule)
         again, _ = jitter_used_videos(bank, episodes, 8, torch.Generator().manual_seed(5), rule)
-        assert torch.equal(positions, again)  # the torch generator (checkpointed) decides
-        for row in used.tolist():
-            source = bank.frame_index[row][positions[row].numpy()]
-            length = int(bank.source_length[row])
-            if rule == "clipfsar_segment":
-                low, high = segment_ranges(length)
-                assert ((source >= low) & (source <= high)).all()
-            else:
-                pad = clipspm_pad(length)
-                options = {
-                    tuple(clipspm_indices(length, s, e).tolist())
-                    for s in range(pad + 1)
-                    for e in range(length - 1 - pad, length)
-                }
-                assert tuple(source.tolist()) in options
+        assert all(torch.equal(a, b) for a, b in zip(positions, again, strict=True))
+        draws = {}  # video -> the frame tuples of its occurrences
+        for part, drawn in zip((episodes.support, episodes.query), positions, strict=True):
+            for row, pos in zip(part.flatten().tolist(), drawn.flatten(0, 1), strict=True):
+                source = bank.frame_index[row][pos.numpy()]
+                draws.setdefault(row, set()).add(tuple(source.tolist()))
+                length = int(bank.source_length[row])
+                if rule == "clipfsar_segment":
+                    low, high = segment_ranges(length)
+                    assert ((source >= low) & (source <= high)).all()
+                else:
+                    pad = clipspm_pad(length)
+                    options = {
+                        tuple(clipspm_indices(length, s, e).tolist())
+                        for s in range(pad + 1)
+                        for e in range(length - 1 - pad, length)
+                    }
+                    assert tuple(source.tolist()) in options
+        # a video met in several episodes of the batch is redrawn at each occurrence
+        assert any(len(frames) > 1 for frames in draws.values())
 
 
 @pytest.mark.slow
@@ -222,3 +225,50 @@ def test_release_presets_refuse_a_store_without_dense_frames(reference_store, tm
     )
     with pytest.raises(FramePolicyError, match="--frames dense"):
         run_evaluation(config)
+
+
+def test_training_on_release_frames_resumes_to_the_same_weights(dense_store, tmp_path, monkeypatch):
+    import shutil
+
+    from fsar.pipelines import train as train_module
+
+    config = load_config(
+        [PRESETS / "clipfsar_release.yaml"],
+        [
+            f"train.store={dense_store}",
+            "dataset.name=folder",
+            "head.name=clipfsar",
+            "head.heads=2",
+            "head.mlp_dim=32",
+            "episodes.way=3",
+            "protocol.train_query=1",
+            "train.steps=4",
+            "train.tasks_per_batch=4",
+            "train.episode_batch=2",
+            "train.val_every=2",
+            "train.val_episodes=20",
+            "train.device=cpu",
+        ],
+    )
+    assert config.protocol.train_frames == "clipfsar_train"
+    save = train_module.save_checkpoint
+    out, kept = tmp_path / "run", tmp_path / "step2.pt"
+
+    def keep_step_two(path: Path, payload) -> None:  # the state a run killed after step 2 left
+        save(path, payload)
+        if payload["step"] == 2 and path.name == "last.pt":
+            shutil.copy(path, kept)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", keep_step_two)
+    config = with_overrides(config, {"train.out": str(out)})
+    whole = train_heads(config, progress=False)
+    monkeypatch.setattr(train_module, "save_checkpoint", save)
+    final = torch.load(out / "last.pt", weights_only=True)["head"]
+    shutil.rmtree(out)
+    out.mkdir()
+    shutil.copy(kept, out / "last.pt")
+    resumed = train_heads(config, progress=False)
+    assert resumed.resumed_from == 2 and whole.steps == resumed.steps == 4
+    again = torch.load(out / "last.pt", weights_only=True)["head"]
+    assert final.keys() == again.keys() and all(torch.equal(final[k], again[k]) for k in final)
+    assert [h["accuracy"] for h in whole.history] == [h["accuracy"] for h in resumed.history]

@@ -152,17 +152,23 @@ def episode_positions(
 
 
 def training_positions(
-    bank, rows: torch.Tensor, rule: str, generator: torch.Generator
-) -> torch.Tensor:
-    """Release training frames for bank ``rows`` (long [R] -> long [R, T] cached positions).
+    bank, episodes, rule: str, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Release training frames of B episodes, drawn per occurrence as the release redraws a
+    video every time it loads it: (support long [B, S, T], query long [B, Q, T]) cached
+    positions on the bank's device.
 
     The numpy generator is seeded by one draw of the torch ``generator``, whose state the
     training checkpoints hold, so a resumed run draws the same frames.
     """
     seed = int(torch.randint(2**62, (1,), generator=generator))
     rng = np.random.default_rng(seed) if rule in RANDOM_RULES else None
-    positions, _ = FrameTable.of(bank).positions(rule, rows.cpu().numpy(), rng, bank.video_ids)
-    return torch.from_numpy(positions)
+    table = FrameTable.of(bank)
+    support, query = episodes.support.cpu().numpy(), episodes.query.cpu().numpy()
+    rows = np.concatenate([support, query], axis=1)  # per episode: supports, then queries
+    drawn, _ = table.positions(rule, rows.reshape(-1), rng, bank.video_ids)
+    drawn = torch.from_numpy(drawn.reshape(*rows.shape, -1)).to(bank.device)
+    return drawn[:, : support.shape[1]], drawn[:, support.shape[1] :]
 
 
 def release_rule_fields(protocol, dataset: str | None) -> tuple[str | None, str | None]:

@@ -212,20 +212,20 @@ def jitter_used_videos(
 
     A bank can hold tens of thousands of videos and an episode uses a few dozen, so the draws
     are made for the used rows and scattered into bank-sized tables (long [V, T] and [V]).
-    ``rule``: a release training rule over the source frames of a dense store (None: the
-    jitter over cached frames of SPEC 3).
+    ``rule``: a release training rule over the source frames of a dense store, drawn per
+    occurrence (positions are then a (support, query) pair); None: the jitter over cached
+    frames of SPEC 3.
     """
     rows = torch.unique(torch.cat([episodes.support.flatten(), episodes.query.flatten()]))
-    if rule is not None:
-        drawn = training_positions(bank, rows, rule, generator)
-        positions = torch.zeros(len(bank), drawn.shape[1], dtype=torch.long)
-        positions[rows] = drawn
+    if rule is not None:  # per occurrence: (support [B, S, T], query [B, Q, T])
+        positions = training_positions(bank, episodes, rule, generator)
     else:
         positions = torch.zeros(len(bank), seq_len, dtype=torch.long)
         positions[rows] = train_positions(bank.n_frames.cpu()[rows], seq_len, generator)
+        positions = positions.to(bank.device)
     views = torch.zeros(len(bank), dtype=torch.long)
     views[rows] = torch.randint(len(bank.views), (len(rows),), generator=generator)
-    return positions.to(bank.device), views
+    return positions, views
 
 
 @dataclass
