@@ -14,6 +14,8 @@ from fsar.data.transforms import Preprocess
 from fsar.pipelines.clips import TrainEpisodes, VideoSplit
 from fsar.pipelines.episodes import EpisodeSampler, EpisodeShape
 
+from .conftest import REPO
+
 RELEASE = Preprocess(resize=256, crop=224, normalize=True)
 LENGTHS = (40, 41, 57, 64)
 
@@ -175,3 +177,55 @@ def test_decoded_and_encoded_once_evaluation_draw_the_same_release_frames(tmp_pa
     decoded = evaluate_decoded(*common, workers=0, bf16=False, **options)
     np.testing.assert_array_equal(cached.per_episode, decoded.per_episode)
     np.testing.assert_array_equal(cached.confusion, decoded.confusion)
+
+
+@pytest.mark.slow
+def test_finetune_with_the_clipfsar_preset_validates_like_eval_decode(tmp_path):
+    """A short fine-tuning run with the CLIP-FSAR preset's frames and augmentation: its cached
+    validation (every source frame encoded once) scores what ``eval --decode`` scores."""
+    from fsar.config import load_config
+    from fsar.data.synthetic import DemoSpec, render_demo_dataset
+    from fsar.pipelines.finetune import finetune
+    from fsar.pipelines.run_eval import run_evaluation
+
+    spec = DemoSpec(n_pairs=4, train_pairs=2, val_pairs=0, videos_per_class=3, n_frames=20, size=48)
+    root = render_demo_dataset(tmp_path / "videos", spec).root
+    preset = REPO / "configs" / "presets" / "clipfsar_release.yaml"
+    overrides = [
+        "dataset.name=demo",
+        f"dataset.root={root}",
+        "model.name=fsar-tiny-vit",
+        "head.name=clipfsar",
+        "head.heads=2",
+        "head.mlp_dim=32",
+        "episodes.way=3",
+        "protocol.train_query=1",
+        "train.steps=2",
+        "train.tasks_per_batch=2",
+        "train.val_every=2",
+        "train.val_episodes=12",
+        "train.device=cpu",
+        "finetune.workers=0",
+        f"train.out={tmp_path / 'run'}",
+    ]
+    config = load_config([preset], overrides)
+    assert (config.protocol.test_frames, config.protocol.train_frames) == (
+        "clipfsar_test",
+        "clipfsar_train",
+    )
+    result = finetune(config, progress=False)
+    assert result.steps == 2 and len(result.history) == 1
+    evaluation = load_config(
+        [preset],
+        overrides
+        + [
+            "eval.decode=true",
+            "eval.split=test",
+            "eval.episodes=12",
+            f"eval.checkpoint={tmp_path / 'run' / 'last.pt'}",
+            f"eval.out={tmp_path / 'decoded.json'}",
+            "eval.device=cpu",
+        ],
+    )
+    decoded, _ = run_evaluation(evaluation)
+    assert decoded["accuracy"] == pytest.approx(result.history[0]["accuracy"])
