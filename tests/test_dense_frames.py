@@ -25,7 +25,12 @@ from fsar.extract.encoders import EncoderSpec, build_encoder
 from fsar.pipelines.build import build_head, episode_tensors
 from fsar.pipelines.episodes import EpisodeShape, fixed_episodes
 from fsar.pipelines.evaluate import EvalSetup, evaluate_episodes
-from fsar.pipelines.frame_plan import FramePolicyError, check_store_frames, occurrence_rng
+from fsar.pipelines.frame_plan import (
+    FramePolicyError,
+    check_store_frames,
+    occurrence_rng,
+    store_frames,
+)
 from fsar.pipelines.run_eval import run_evaluation
 from fsar.pipelines.train import jitter_used_videos, train_heads
 
@@ -211,9 +216,13 @@ def test_release_presets_refuse_a_store_without_dense_frames(reference_store, tm
         train_heads(config, progress=False)
     assert not (tmp_path / "spm").exists()
     # CLIP-SPM's test frames are the reference_test frames: evaluation on such a store is fine
-    check_store_frames("protocol.test_frames", "clipspm_test", "reference_test", "hmdb51", "s")
+    check_store_frames("protocol.test_frames", "clipspm_test", "reference_test:8", "hmdb51", "s")
+    for other in ("reference_test:16", "uniform:32"):
+        with pytest.raises(FramePolicyError, match="--frames dense"):
+            check_store_frames("protocol.test_frames", "clipspm_test", other, "hmdb51", "s")
     with pytest.raises(FramePolicyError, match="dense"):
         check_store_frames("protocol.test_frames", "clipfsar_test", "uniform:32", "hmdb51", "s")
+    assert store_frames(open_store(reference_store).recipe) == "reference_test:8"
     config = load_config(
         [],
         [

@@ -53,15 +53,18 @@ def resolve_rule(value: str, dataset: str | None) -> str | None:
     return value
 
 
+def store_frames(recipe: dict) -> str:
+    """A store's frame policy as 'kind:T_cap' (e.g. 'reference_test:8', 'dense:512')."""
+    kind = recipe.get("frame_policy") or str(recipe.get("frames", "")).split(":")[0]
+    return f"{kind}:{recipe.get('t_cap')}"
+
+
 def needs_dense(rule: str | None, frames: str) -> bool:
-    """Whether ``rule`` needs a dense store, given the store's ``extract.frames`` value."""
+    """Whether ``rule`` needs a dense store, given the store's frame policy ('kind:T_cap')."""
     if rule is None:
         return False
     if rule == "clipspm_test":  # reference_test:8 caches exactly CLIP-SPM's test frames
-        return frames.split(":")[0] != "dense" and frames not in (
-            "reference_test",
-            "reference_test:8",
-        )
+        return frames.split(":")[0] != "dense" and frames != "reference_test:8"
     return frames.split(":")[0] != "dense"
 
 

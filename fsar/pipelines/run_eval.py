@@ -23,7 +23,7 @@ from fsar.pipelines.build import build_head
 from fsar.pipelines.checkpoint import check_store_fits, encoder_recipe, load_checkpoint
 from fsar.pipelines.episodes import EpisodeShape, fixed_episodes
 from fsar.pipelines.evaluate import EvalOutcome, EvalSetup, evaluate_episodes
-from fsar.pipelines.frame_plan import check_store_frames
+from fsar.pipelines.frame_plan import check_store_frames, store_frames
 
 RESULT_KIND = "fsar-eval/1"
 
@@ -87,7 +87,7 @@ def run_evaluation(
         test_frames = protocol.get("test_frames", "cached")
     else:
         test_frames = config.protocol.test_frames
-    frames = str(store.recipe.get("frames", ""))
+    frames = store_frames(store.recipe)
     check_store_frames("protocol.test_frames", test_frames, frames, dataset, store.path)
     bank = load_bank(store, ev.split, device, ["center"], [])
     source = load_head_source(config, checkpoint, device, bank)

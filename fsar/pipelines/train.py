@@ -36,7 +36,12 @@ from fsar.pipelines.episodes import (
     train_positions,
 )
 from fsar.pipelines.evaluate import EvalSetup, evaluate_episodes
-from fsar.pipelines.frame_plan import check_store_frames, resolve_rule, training_positions
+from fsar.pipelines.frame_plan import (
+    check_store_frames,
+    resolve_rule,
+    store_frames,
+    training_positions,
+)
 
 
 class TrainingDiverged(FsarError, RuntimeError):
@@ -196,7 +201,7 @@ def train_heads(config: Config, progress: bool = True) -> TrainResult:
 
 def check_protocol_frames(protocol, store, dataset: str | None) -> None:
     """A release frame rule needs a dense store: refuse any other before loading anything."""
-    frames = str(store.recipe.get("frames", ""))
+    frames = store_frames(store.recipe)
     check_store_frames("protocol.test_frames", protocol.test_frames, frames, dataset, store.path)
     check_store_frames("protocol.train_frames", protocol.train_frames, frames, dataset, store.path)
 
