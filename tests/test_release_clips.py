@@ -229,3 +229,43 @@ def test_finetune_with_the_clipfsar_preset_validates_like_eval_decode(tmp_path):
     )
     decoded, _ = run_evaluation(evaluation)
     assert decoded["accuracy"] == pytest.approx(result.history[0]["accuracy"])
+
+
+class ScriptedDraws:
+    """Stands in for the numpy generator with the golden's forced draws, and records the
+    ranges asked for (the release's scripted `random` did the same)."""
+
+    def __init__(self, flip_uniform: float, integers: list[int]):
+        self.flip_uniform, self.values, self.asked = flip_uniform, list(integers), []
+
+    def random(self) -> float:
+        self.asked.append("random()")
+        return self.flip_uniform
+
+    def integers(self, low: int, high: int) -> int:
+        self.asked.append((low, high - 1))  # inclusive, as randint
+        return self.values.pop(0)
+
+
+def test_clipspm_training_clip_matches_the_golden_forced_draws(shared):
+    """The release's own training tensors for forced draws (start 1, end 22; flip then crop)."""
+    from fsar.data.release_frames import clipspm_indices
+    from fsar.data.transforms import to_model_input
+    from fsar.data.video import open_source
+
+    data = shared / "golden" / "data_path"
+    golden = np.load(data / "clipspm_train.npz")
+    source = open_source(data / "media" / "frames" / "landscape_320x240")
+    prep = Preprocess(resize=256, crop=224, normalize=False, interpolation="bilinear")
+    for case, flip_uniform, x1, y1 in (
+        ("flip_x0_y32", 0.25, 0, 32),
+        ("noflip_x117_y0", 0.75, 117, 0),
+    ):
+        indices = clipspm_indices(source.num_frames, 1, 22)
+        assert indices.tolist() == golden[f"forced.{case}.indices"].tolist()
+        draws = ScriptedDraws(flip_uniform, [x1, y1])
+        clip = clipspm_train_clip(source.read(indices.tolist()), prep, draws, flip=True)
+        assert draws.asked == ["random()", (0, 117), (0, 32)]  # the golden's draw order and ranges
+        pixels = to_model_input(clip, normalize=False).numpy()
+        difference = np.abs(pixels - golden[f"forced.{case}.pixels"]).max()
+        assert difference <= 1 / 255 + 1e-6, (case, difference)
