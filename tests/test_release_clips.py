@@ -269,3 +269,29 @@ def test_clipspm_training_clip_matches_the_golden_forced_draws(shared):
         pixels = to_model_input(clip, normalize=False).numpy()
         difference = np.abs(pixels - golden[f"forced.{case}.pixels"]).max()
         assert difference <= 1 / 255 + 1e-6, (case, difference)
+
+
+class ScriptedUniform:
+    """Numpy-generator stand-in for CLIP-FSAR's crop draws: records uniform(a, b) ranges."""
+
+    def __init__(self, values: list[float]):
+        self.values, self.asked = list(values), []
+
+    def uniform(self, low: float, high: float) -> float:
+        self.asked.append((low, high))
+        return self.values.pop(0)
+
+
+def test_clipfsar_support_clip_at_the_centre_offset_is_the_golden_test_tensor(shared):
+    """Squash (bilinear, no antialias) and a crop at 16, 16 are the release's test tensor."""
+    from fsar.data.transforms import CLIP_MEAN, CLIP_STD
+
+    golden = np.load(shared / "golden" / "data_path" / "clipfsar_test.npz")
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    for name in ("clip_320x240_30fps.mp4", "clip_170x128_12fps.mp4"):
+        draws = ScriptedUniform([16.7, 16.2])  # int() -> 16, 16
+        clip = clipfsar_train_clip(golden[f"video.{name}.decoded"], RELEASE, draws, False)
+        assert draws.asked == [(0, 32), (0, 32)]
+        pixels = ((clip / 255.0 - mean) / std).numpy()
+        assert np.abs(pixels - golden[f"video.{name}.pixels"]).max() <= 1e-5, name
