@@ -18,6 +18,7 @@ list draws the same frames as the whole list.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,8 +33,6 @@ from fsar.data.release_frames import (
 from fsar.errors import FsarError
 
 CACHED_TEST = ("cached", "segment_random")
-TEST_RULES = ("clipspm_test", "clipfsar_test", "clipfsar_segment", "clipfsar_k100_test")
-TRAIN_RULES = ("clipspm_train", "clipfsar_train", "clipfsar_segment", "clipfsar_k100_train")
 KINETICS = ("kinetics",)
 
 
@@ -102,6 +101,14 @@ class FrameTable:
         # stores written before videos/source_length existed: the last cached frame + 1
         last = np.take_along_axis(bank.frame_index, np.maximum(n - 1, 0)[:, None], 1)[:, 0]
         length = np.where(length > 0, length, last.astype(np.int64) + 1)
+        capped = int((n < length).sum())
+        if capped:  # said once per bank and call site (Python's warning registry)
+            warnings.warn(
+                f"{capped} of {len(n)} {bank.split!r} videos are longer than the store's dense "
+                f"cap ({bank.frame_policy}): release rules drawing one of their uncached frames "
+                "take the nearest cached one; extract with a larger dense:CAP for exact frames",
+                stacklevel=2,
+            )
         return cls(bank.frame_index, n, length, np.asarray(bank.fps, dtype=np.float64))
 
     def positions(
@@ -172,11 +179,3 @@ def training_positions(
     drawn, _ = table.positions(rule, rows.reshape(-1), rng, bank.video_ids)
     drawn = torch.from_numpy(drawn.reshape(*rows.shape, -1)).to(bank.device)
     return drawn[:, : support.shape[1]], drawn[:, support.shape[1] :]
-
-
-def release_rule_fields(protocol, dataset: str | None) -> tuple[str | None, str | None]:
-    """(test rule, train rule) of a protocol for a dataset; None where fsar's cached rules apply."""
-    return (
-        resolve_rule(protocol.test_frames, dataset),
-        resolve_rule(getattr(protocol, "train_frames", "cached"), dataset),
-    )
