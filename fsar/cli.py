@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--checkpoint", help="official CLIP-SPM/CLIP-FSAR checkpoint (visual encoder)")
     ext.add_argument("--out", help="store path (.zarr directory or .h5 file)")
     ext.add_argument("--backend", choices=["zarr", "hdf5"])
-    ext.add_argument("--frames", help="reference_test | uniform:K | all")
+    ext.add_argument("--frames", help="reference_test | uniform:K | all | dense[:CAP]")
     ext.add_argument("--views", help="comma list: center,flip,crop0,...")
     ext.add_argument("--layers", help="comma list of intermediate layers (block3, stage2, ...)")
     ext.add_argument("--workers", type=int, help="decode workers")

@@ -80,9 +80,13 @@ class ExtractConfig:
         None, "feature store to write (a .zarr directory, or a .h5 file with backend hdf5)"
     )
     backend: Literal["zarr", "hdf5"] = _f("zarr", "store backend")
-    frames: str = _f("reference_test", "frame policy: reference_test | uniform:K | all")
+    frames: str = _f(
+        "reference_test",
+        "frame policy: reference_test | uniform:K | all | dense[:CAP] (every source frame, for "
+        "the release frame rules)",
+    )
     seq_len: int = _f(8, "frames per video for reference_test (the releases' SEQ_LEN)")
-    t_cap: int = _f(64, "cached frame slots per video for the 'all' policy")
+    t_cap: int = _f(64, "cached frame slots per video for the 'all' and 'dense' policies")
     min_frames: int | None = _f(
         None,
         "videos with fewer frames are recorded as failed (default: seq_len for reference_test, else 1)",
@@ -196,10 +200,27 @@ class ProtocolConfig:
     selection_split: Literal["val", "test"] = _f(
         "val", "split used to pick the best checkpoint (the releases select on test)"
     )
-    test_frames: Literal["cached", "segment_random"] = _f(
+    test_frames: Literal[
         "cached",
-        "evaluation frames: the store's deterministic test frames, or one seeded random frame "
-        "per segment (CLIP-FSAR release)",
+        "segment_random",
+        "clipspm_test",
+        "clipfsar_test",
+        "clipfsar_segment",
+        "clipfsar_k100_test",
+    ] = _f(
+        "cached",
+        "evaluation frames: cached (the store's deterministic test frames), segment_random (one "
+        "seeded cached frame per segment), or a release rule over the source video, redrawn per "
+        "episode (needs a dense store): clipspm_test, clipfsar_test (Kinetics-100 centred clip "
+        "on kinetics, else clipfsar_segment), clipfsar_segment, clipfsar_k100_test",
+    )
+    train_frames: Literal[
+        "cached", "clipspm_train", "clipfsar_train", "clipfsar_segment", "clipfsar_k100_train"
+    ] = _f(
+        "cached",
+        "training frames: cached (the releases' jitter over the cached frames, SPEC 3) or a "
+        "release rule over the source video (needs a dense store): clipspm_train, "
+        "clipfsar_train (clipfsar_k100_train on kinetics, else clipfsar_segment), ...",
     )
     train_shot: int | None = _f(
         None, "training shot for a K-shot test (null = K; CLIP-FSAR trains 1-shot for 5-shot)"

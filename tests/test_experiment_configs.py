@@ -159,7 +159,9 @@ def test_release_presets_state_the_spec_protocol():
     spm = compose("hmdb51", "RN50", CONFIGS / "presets" / "clipspm_release.yaml")
     assert spm.protocol.preset == "clipspm_release"
     assert spm.protocol.selection_split == "test"
-    assert spm.protocol.test_frames == "cached"
+    assert spm.protocol.test_frames == "clipspm_test"
+    assert spm.protocol.train_frames == "clipspm_train"
+    assert spm.extract.frames.startswith("dense")
     assert spm.protocol.train_shot is None
     assert spm.protocol.train_query == 4
     assert spm.protocol.train_views == ["center", "flip"]
@@ -172,7 +174,9 @@ def test_release_presets_state_the_spec_protocol():
     fsar = compose("hmdb51", "RN50", CONFIGS / "presets" / "clipfsar_release.yaml")
     assert fsar.protocol.preset == "clipfsar_release"
     assert fsar.protocol.selection_split == "test"
-    assert fsar.protocol.test_frames == "segment_random"
+    assert fsar.protocol.test_frames == "clipfsar_test"
+    assert fsar.protocol.train_frames == "clipfsar_train"
+    assert fsar.extract.frames.startswith("dense")
     assert fsar.protocol.train_shot == 1
     assert fsar.protocol.train_query == 5
     assert fsar.head.merge_before is True

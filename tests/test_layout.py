@@ -122,7 +122,8 @@ def test_array_specs_name_exactly_the_spec_table_with_whole_video_chunks():
     specs = {s.name: s for s in array_specs(layout)}
     assert set(specs) == {
         "videos/id", "videos/class_id", "videos/split", "videos/n_frames", "videos/frame_index",
-        "videos/status", "videos/error", "classes/name", "classes/text",
+        "videos/status", "videos/error", "videos/source_length", "videos/fps",
+        "classes/name", "classes/text",
         "classes/text_per_prompt", "features/center", "features/flip",
         "layers/center/block0", "layers/flip/block0",
     }  # fmt: skip

@@ -43,6 +43,12 @@ class FeatureBank:
     class_names: tuple[str, ...]
     fingerprint: str
     skipped: int  # videos of the split not loaded (failed or pending)
+    # source frame number of each cached frame (-1 padding), the source's decoded length and
+    # fps: what release frame rules on a dense store need (fsar.pipelines.frame_plan)
+    frame_index: np.ndarray | None = None  # int32 [V_n, T_cap]
+    source_length: np.ndarray | None = None  # int32 [V_n] (0 = not recorded)
+    fps: np.ndarray | None = None  # float32 [V_n] (0 = not recorded)
+    frame_policy: str = ""  # the store's extract.frames, e.g. 'dense:512'
 
     @property
     def device(self) -> torch.device:
@@ -143,4 +149,8 @@ def load_bank(
         class_names=tuple(store.class_names),
         fingerprint=store.fingerprint,
         skipped=int(in_split.size - rows.size),
+        frame_index=np.asarray(store.frame_index[rows]),
+        source_length=np.asarray(store.source_length[rows]),
+        fps=np.asarray(store.fps[rows]),
+        frame_policy=str(store.recipe.get("frames", "")),
     )

@@ -241,6 +241,10 @@ def array_specs(layout: StoreLayout) -> list[ArraySpec]:
         ArraySpec("videos/frame_index", "int32", (n, t), (k, t), -1),
         ArraySpec("videos/status", "uint8", (n,), (k,), STATUS_PENDING),
         ArraySpec("videos/error", "str", (n,), (k,), ""),
+        # decoded length and average fps of the source video: CLIP-FSAR's Kinetics-100 clip
+        # depends on both, so a dense store can replay the release's indices
+        ArraySpec("videos/source_length", "int32", (n,), (k,), 0),
+        ArraySpec("videos/fps", "float32", (n,), (k,), 0.0),
         ArraySpec("classes/name", "str", (c,), (c,), ""),
         ArraySpec("classes/text", "float32", (c, d), (c, d), 0.0),
         ArraySpec("classes/text_per_prompt", "float32", (c, p, d), (c, p, d), 0.0),
@@ -263,6 +267,8 @@ class BlockData:
     n_frames: np.ndarray  # int32 [B]
     status: np.ndarray  # uint8 [B]
     errors: list[str]  # B messages, "" unless failed
+    source_length: np.ndarray | None = None  # int32 [B] decoded source frames (0 = unknown)
+    fps: np.ndarray | None = None  # float32 [B] average fps of the source (0 = unknown)
 
 
 def empty_block(layout: StoreLayout, b: int) -> BlockData:
@@ -278,6 +284,8 @@ def empty_block(layout: StoreLayout, b: int) -> BlockData:
         n_frames=np.zeros(b, np.int32),
         status=np.zeros(b, np.uint8),
         errors=[""] * b,
+        source_length=np.zeros(b, np.int32),
+        fps=np.zeros(b, np.float32),
     )
 
 
@@ -335,6 +343,10 @@ def block_arrays(layout: StoreLayout, b: int, block: BlockData) -> dict[str, np.
     if len(block.errors) != b:
         raise ValueError(f"errors must hold {b} strings (one per video); got {len(block.errors)}")
     out["videos/frame_index"], out["videos/n_frames"] = fi, nf
+    if block.source_length is not None:
+        out["videos/source_length"] = _shaped(block.source_length, (b,), np.int32, "source_length")
+    if block.fps is not None:
+        out["videos/fps"] = _shaped(block.fps, (b,), np.float32, "fps")
     out["videos/error"] = np.array([str(e) for e in block.errors], dtype=object)
     out["videos/status"] = st  # stays last: write_block writes it after everything else
     return out

@@ -179,6 +179,18 @@ class FeatureStore:
         """int32 [N, T_cap], -1 = padding."""
         return self._arrays.read("videos/frame_index")
 
+    @property
+    def source_length(self) -> np.ndarray:
+        """int32 [N] decoded frames of each source video (0 = not recorded)."""
+        values = self._optional("videos/source_length", None)
+        return np.zeros(self.layout.n_videos, np.int32) if values is None else values
+
+    @property
+    def fps(self) -> np.ndarray:
+        """float32 [N] average fps of each source video (0 = not recorded)."""
+        values = self._optional("videos/fps", None)
+        return np.zeros(self.layout.n_videos, np.float32) if values is None else values
+
     def split_indices(self, split: str, *, done_only: bool = True) -> np.ndarray:
         """int64 [n] store rows of the videos in ``split`` (only done ones by default)."""
         if split not in SPLITS:
@@ -221,17 +233,24 @@ class FeatureStore:
         n_frames: np.ndarray,
         status: np.ndarray,
         errors: list[str],
+        source_length: np.ndarray | None = None,
+        fps: np.ndarray | None = None,
     ) -> None:
         """Write videos ``start..stop-1`` (B of them); ``status`` is written last.
 
         features: view -> [B, T_cap, D] (cast to float16 or float32, the feature dtype); layers:
         view -> name -> [B, T_cap, D_l]
         (``{}`` when the store has no layers); frame_index: int [B, T_cap], -1 padding;
-        n_frames: int [B]; status: uint8 [B] in {0, 1, 2}; errors: B strings ('' when fine).
+        n_frames: int [B]; status: uint8 [B] in {0, 1, 2}; errors: B strings ('' when fine);
+        source_length: int [B] decoded source frames, fps: float [B] (optional: kept as is).
         """
         self._require_writable()
         self._check_block(start, stop)
-        block = BlockData(features, layers, frame_index, n_frames, status, list(errors))
+        block = BlockData(
+            features, layers, frame_index, n_frames, status, list(errors), source_length, fps
+        )
+        if not self._arrays.has("videos/fps"):  # a store made before these arrays existed
+            block.source_length = block.fps = None
         data = block_arrays(self.layout, stop - start, block)
         try:
             rewrite = np.any(self._arrays.read("videos/status", slice(start, stop)) != 0)
@@ -264,7 +283,13 @@ class FeatureStore:
             n_frames=read("videos/n_frames", rows),
             status=read("videos/status", rows),
             errors=[str(e) for e in read("videos/error", rows)],
+            source_length=self._optional("videos/source_length", rows),
+            fps=self._optional("videos/fps", rows),
         )
+
+    def _optional(self, name: str, rows: Any) -> np.ndarray | None:
+        """An array added after schema 1's first stores (None in a store that lacks it)."""
+        return self._arrays.read(name, rows) if self._arrays.has(name) else None
 
     def mark_pending(self, start: int, stop: int) -> None:
         """Set videos ``start..stop-1`` (a chunk-aligned block) back to pending."""
@@ -482,6 +507,8 @@ def export_hdf5(
         for spec in array_specs(src.layout):
             if spec.name.startswith("classes/"):
                 out.write(spec.name, 0, src._arrays.read(spec.name))
+                continue
+            if not src._arrays.has(spec.name):  # an older store: the fill value stands
                 continue
             for start, stop in _spans(src.layout):
                 out.write(spec.name, start, src._arrays.read(spec.name, slice(start, stop)))

@@ -6,6 +6,10 @@ Extraction (`select_frames`):
   `n - 3 < T`. The official releases' deterministic test frames.
 - `uniform:K`: `int(linspace(0, n-1, K))`; all n frames when `n <= K`.
 - `all`: every frame, up to `t_cap`.
+- `dense` / `dense:CAP` (T_cap = CAP, default `t_cap`): every source frame, so that episodes can
+  draw *source* frames with a release's own rules (`release_indices`) and gather the cached
+  rows. A video longer than CAP caches `int(linspace(0, n-1, CAP))` instead; `frame_index`
+  records which, and a draw of an uncached frame takes the nearest cached one.
 Training (`train_frame_positions`): the releases' random training policy, applied to the cached
 frames of a batch of videos at once.
 
@@ -19,10 +23,19 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fsar.data.release_frames import RULES as RELEASE_RULES
+from fsar.data.release_frames import (
+    ReleaseFrameError,
+    cached_positions,
+    reachable_frames,
+    release_indices,
+)
 from fsar.data.video import DecodeError
 
-POLICY_KINDS = ("reference_test", "uniform", "all")
-_VALID_FORMS = "'reference_test', 'reference_test:T', 'uniform:K', 'all', 'all:T_CAP'"
+POLICY_KINDS = ("reference_test", "uniform", "all", "dense")
+_VALID_FORMS = (
+    "'reference_test', 'reference_test:T', 'uniform:K', 'all', 'all:T_CAP', 'dense', 'dense:CAP'"
+)
 
 
 class ShortVideoError(DecodeError):
@@ -60,14 +73,15 @@ class FramePolicy:
 def parse_frame_policy(
     spec: str, *, seq_len: int = 8, t_cap: int = 64, min_frames: int | None = None
 ) -> FramePolicy:
-    """Parse 'reference_test[:T]', 'uniform:K' or 'all[:T_CAP]'.
+    """Parse 'reference_test[:T]', 'uniform:K', 'all[:T_CAP]' or 'dense[:CAP]'.
 
-    seq_len: T of 'reference_test' without a number. t_cap: cap of 'all' without a number.
-    min_frames: shortest accepted video; default T for reference_test (the releases skip
-        shorter videos), 1 for uniform and all.
+    seq_len: T of 'reference_test' without a number. t_cap: cap of 'all' / 'dense' without a
+        number.
+    min_frames: shortest accepted video; default T for reference_test and dense (the releases
+        skip or fail shorter videos), 1 for uniform and all.
     """
     kind, _, number = str(spec).strip().partition(":")
-    defaults = {"reference_test": seq_len, "all": t_cap}
+    defaults = {"reference_test": seq_len, "all": t_cap, "dense": t_cap}
     if kind not in POLICY_KINDS or (kind == "uniform" and not number):
         raise ValueError(f"bad frame policy {spec!r}; valid forms: {_VALID_FORMS}")
     if number:
@@ -80,15 +94,15 @@ def parse_frame_policy(
     else:
         count = defaults[kind]
     if min_frames is None:
-        min_frames = count if kind == "reference_test" else 1
+        min_frames = {"reference_test": count, "dense": seq_len}.get(kind, 1)
     return FramePolicy(kind, count, min_frames)
 
 
 def select_frames(policy: FramePolicy, n_frames: int) -> list[int]:
     """Source frame indices to decode for a video of `n_frames` frames.
 
-    Returns `policy.count` indices for reference_test, min(n, K) for uniform, min(n, t_cap)
-    for all. Raises ShortVideoError if `n_frames < policy.min_frames`.
+    Returns `policy.count` indices for reference_test, min(n, K) for uniform and dense,
+    min(n, t_cap) for all. Raises ShortVideoError if `n_frames < policy.min_frames`.
     """
     n = int(n_frames)
     if n < max(policy.min_frames, 1):
@@ -100,7 +114,7 @@ def select_frames(policy: FramePolicy, n_frames: int) -> list[int]:
     if policy.kind == "reference_test":
         start, end = (0, n - 1) if n - 3 < policy.count else (1, n - 2)
         return linspace_int(start, end, policy.count)
-    if policy.kind == "uniform":
+    if policy.kind in ("uniform", "dense"):
         return list(range(n)) if n <= policy.count else linspace_int(0, n - 1, policy.count)
     return list(range(min(n, policy.count)))
 
@@ -154,3 +168,20 @@ def linspace_trunc(start: torch.Tensor, end: torch.Tensor, num: int) -> torch.Te
     values = steps * ((end_f - start_f) / (num - 1)) + start_f  # [B, num]
     values[:, -1] = end_f[:, 0]  # numpy sets the endpoint exactly
     return values.trunc().long()
+
+
+__all__ = [
+    "POLICY_KINDS",
+    "RELEASE_RULES",
+    "FramePolicy",
+    "ReleaseFrameError",
+    "ShortVideoError",
+    "cached_positions",
+    "linspace_int",
+    "linspace_trunc",
+    "parse_frame_policy",
+    "reachable_frames",
+    "release_indices",
+    "select_frames",
+    "train_frame_positions",
+]

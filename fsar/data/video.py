@@ -162,6 +162,7 @@ class DecordSource:
         try:
             self._reader = decord.VideoReader(str(self.path), num_threads=threads)
             self.num_frames = len(self._reader)
+            self.fps = float(self._reader.get_avg_fps())  # CLIP-FSAR's Kinetics-100 clip uses it
         except Exception as e:  # decord raises its own DECORDError and RuntimeError
             raise DecodeError(f"cannot decode {self.path}: {_first_line(e)}") from e
         if self.num_frames == 0:
@@ -196,6 +197,8 @@ class PyAVSource:
                 if not container.streams.video:
                     raise DecodeError(f"cannot decode {self.path}: no video stream")
                 stream = container.streams.video[0]
+                rate = stream.average_rate
+                self.fps = float(rate) if rate else 0.0
                 self.num_frames = sum(1 for packet in container.demux(stream) if packet.size > 0)
         except DecodeError:
             raise
@@ -244,6 +247,7 @@ class _FallbackSource:
         self._path = path
         self._threads = threads
         self.num_frames = primary.num_frames
+        self.fps = primary.fps
 
     def read(self, indices: Sequence[int]) -> np.ndarray:
         try:

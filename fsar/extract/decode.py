@@ -32,6 +32,8 @@ class DecodedVideo:
     frames: torch.Tensor | None  # [V, n, 3, crop, crop] float32, None on failure
     frame_index: np.ndarray  # int32 [n] source frame numbers
     error: str  # "" when decoded
+    source_length: int = 0  # decoded frames of the source (0 = unknown)
+    fps: float = 0.0  # average fps of the source (0: unknown, e.g. a frame folder)
 
 
 @dataclass
@@ -75,19 +77,24 @@ class DecodeDataset(Dataset):
         empty = np.zeros(0, dtype=np.int32)
         if job.path is None:
             return DecodedVideo(job.store_index, None, empty, "missing: not found under --root")
+        length, fps = 0, 0.0
         try:
             source = open_source(
                 Path(job.path), backend=self.decode_backend, listing=self.frame_listing
             )
+            length, fps = source.num_frames, float(getattr(source, "fps", 0.0))
             indices = select_frames(self.policy, source.num_frames)
             pixels = encoder_input(
                 source, indices, self.views, self.preprocess, self.seed, job.video_id
             )
         except DecodeError as err:
-            return DecodedVideo(job.store_index, None, empty, str(err))
+            return DecodedVideo(job.store_index, None, empty, str(err), length, fps)
         except Exception as err:  # a decoder crash on one file must not stop the run
-            return DecodedVideo(job.store_index, None, empty, f"{type(err).__name__}: {err}")
-        return DecodedVideo(job.store_index, pixels, np.asarray(indices, dtype=np.int32), "")
+            error = f"{type(err).__name__}: {err}"
+            return DecodedVideo(job.store_index, None, empty, error, length, fps)
+        return DecodedVideo(
+            job.store_index, pixels, np.asarray(indices, dtype=np.int32), "", length, fps
+        )
 
 
 def encoder_input(

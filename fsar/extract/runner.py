@@ -280,6 +280,8 @@ class BlockWriter:
                     n_frames=rows.n_frames,
                     status=rows.status,
                     errors=rows.errors,
+                    source_length=rows.source_length,
+                    fps=rows.fps,
                 )
             except BaseException as error:  # handed to the main thread
                 self.error = error
@@ -297,6 +299,9 @@ def encode_block(store, encoder, block, decoded, views, batch_frames: int, preci
     rows = store.read_block(start, stop) if already_done else store.empty_block(start, stop)
     good = [video for video in decoded.videos if not video.error]
     for video in decoded.videos:
+        if rows.source_length is not None:  # recorded for failed videos too (e.g. too short)
+            rows.source_length[video.store_index - start] = video.source_length
+            rows.fps[video.store_index - start] = video.fps
         if video.error:
             row = video.store_index - start
             rows.status[row], rows.errors[row] = 2, video.error

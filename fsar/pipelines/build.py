@@ -113,15 +113,21 @@ def episode_tensors(
 ) -> EpisodeTensors:
     """Gather the features of B episodes.
 
-    positions: long [V_bank, T] frame positions of every bank video (the caller's policy);
+    positions: long [V_bank, T] frame positions of every bank video (the caller's policy), or
+        a pair (support long [B, S, T], query long [B, Q, T]) of per-occurrence positions;
     views: long [V_bank] index into ``bank.views`` per video, or None for the first view.
     text_classes: dataset class ids forming CLIP-FSAR's video-text table (training only).
     """
     device = bank.device
     episodes = episodes.to(device)
 
-    def frames(rows: torch.Tensor, layer: str | None = None) -> torch.Tensor:
-        pos = positions[rows]  # [B, S, T]
+    if isinstance(positions, tuple):  # drawn per occurrence: [B, S, T], [B, Q, T]
+        where = {"support": positions[0], "query": positions[1]}
+    else:
+        where = {"support": positions[episodes.support], "query": positions[episodes.query]}
+
+    def frames(part: str, layer: str | None = None) -> torch.Tensor:
+        rows, pos = getattr(episodes, part), where[part].to(device)
         if views is None or len(bank.views) == 1:
             view = bank.views[0]
             if layer is None:
@@ -129,20 +135,20 @@ def episode_tensors(
             return bank.gather_layer(layer, rows, pos, view)
         out = None
         for v, view in enumerate(bank.views):  # few views: one masked gather each
-            part = (
+            chunk = (
                 bank.gather(rows, pos, view)
                 if layer is None
                 else bank.gather_layer(layer, rows, pos, view)
             )
             mask = (views[rows] == v)[..., None, None]
-            out = torch.where(mask, part, out) if out is not None else part * mask
+            out = torch.where(mask, chunk, out) if out is not None else chunk * mask
         return out
 
     extras: dict[str, torch.Tensor] = {}
     layer = hsmr_layer(config)
     if training and layer is not None:
-        extras["support_shallow"] = frames(episodes.support, layer)
-        extras["query_shallow"] = frames(episodes.query, layer)
+        extras["support_shallow"] = frames("support", layer)
+        extras["query_shallow"] = frames("query", layer)
     if training and config.name == "clipfsar" and text_classes is not None:
         extras |= video_text_inputs(
             bank.class_text,
@@ -151,9 +157,9 @@ def episode_tensors(
             bank.class_ids[episodes.query],
         )
     return EpisodeTensors(
-        support=frames(episodes.support),
+        support=frames("support"),
         support_labels=episodes.support_labels,
-        query=frames(episodes.query),
+        query=frames("query"),
         query_labels=episodes.query_labels,
         class_text=bank.class_text[episodes.classes],
         extras=extras,

@@ -3,7 +3,9 @@
 Two ways, same frames and crops (the test policy), same numbers up to float rounding:
 - ``encode_split``: each video used by the episodes goes through the encoder once, into an
   in-memory ``FeatureBank`` (float16, like a store), then the head scores the episodes as on a
-  store. A 10,000-episode evaluation then costs one pass over the split's videos.
+  store. A 10,000-episode evaluation then costs one pass over the split's videos. A release
+  test rule that redraws frames per episode (``protocol.test_frames``) encodes every source
+  frame instead (``encode_dense``, a dense store's bank) and draws as on a dense store.
 - ``evaluate_decoded``: the releases' way, every episode decoded and encoded on its own.
 """
 
@@ -19,11 +21,19 @@ from tqdm import tqdm
 from fsar.cache.bank import FeatureBank
 from fsar.config import HeadConfig
 from fsar.data.frames import FramePolicy
+from fsar.data.release_frames import RANDOM_RULES
 from fsar.data.transforms import Preprocess
 from fsar.pipelines.backbone import VideoModel
-from fsar.pipelines.clips import EvalEpisodes, EvalVideos, VideoSplit, collate_episodes
+from fsar.pipelines.clips import (
+    DenseVideos,
+    EvalEpisodes,
+    EvalVideos,
+    VideoSplit,
+    collate_episodes,
+)
 from fsar.pipelines.episodes import EpisodeIndex
 from fsar.pipelines.evaluate import EvalOutcome, EvalSetup, evaluate_episodes, tally
+from fsar.pipelines.frame_plan import resolve_rule
 
 
 def autocast_for(device: torch.device, bf16: bool):
@@ -57,8 +67,10 @@ def encode_split(
     batch_videos: int = 8,
     backend: str = "auto",
     progress: bool = False,
+    rule: str | None = None,
 ) -> FeatureBank:
-    """Encode ``rows`` of ``videos`` (test policy) into a bank over all rows of the split.
+    """Encode ``rows`` of ``videos`` (test policy, or the deterministic release ``rule``) into a
+    bank over all rows of the split.
 
     Rows not listed stay zero (no episode reads them). class_text float32 [C, D].
     """
@@ -66,8 +78,9 @@ def encode_split(
     model.eval()
     device = class_text.device
     rows = torch.unique(rows.cpu())
-    dataset = torch.utils.data.Subset(EvalVideos(videos, policy, prep, backend), rows.tolist())
-    seq_len = policy.count
+    clips = EvalVideos(videos, policy, prep, backend, rule)
+    dataset = torch.utils.data.Subset(clips, rows.tolist())
+    seq_len = policy.count if rule is None else 8
     features = None
     done = 0
     bar = tqdm(total=len(rows), unit="video", desc="encode", disable=not progress, leave=False)
@@ -110,22 +123,86 @@ def evaluate_cached(
     episode_batch: int = 100,
     backend: str = "auto",
     progress: bool = False,
+    test_frames: str = "cached",
+    seed: int = 0,
+    dataset: str | None = None,
+    dense: FramePolicy | None = None,
 ) -> EvalOutcome:
+    """Score on fixed episodes, each used video encoded once. test_frames / seed / dataset:
+    the protocol's evaluation frames; a random release rule needs ``dense`` (the policy that
+    caches every source frame)."""
     used = torch.cat([episodes.support.flatten(), episodes.query.flatten()])
-    bank = encode_split(
-        model,
-        videos,
-        used,
-        class_text,
-        policy,
-        prep,
-        workers=workers,
-        bf16=bf16,
-        backend=backend,
-        progress=progress,
-    )
-    setup = EvalSetup(bank, episodes, policy.count, "cached", 0)
+    rule = resolve_rule(test_frames, dataset)
+    kwargs = {"workers": workers, "bf16": bf16, "backend": backend, "progress": progress}
+    if rule in RANDOM_RULES:
+        if dense is None:
+            raise ValueError(f"test frames {test_frames} draw per episode: pass a dense policy")
+        bank = encode_dense(model, videos, used, class_text, dense, prep, **kwargs)
+        setup = EvalSetup(bank, episodes, 8, test_frames, seed, dataset)
+    else:
+        bank = encode_split(model, videos, used, class_text, policy, prep, rule=rule, **kwargs)
+        setup = EvalSetup(bank, episodes, int(bank.features["center"].shape[1]), "cached", 0)
     return evaluate_episodes(model.head, setup, head_config, episode_batch)
+
+
+@torch.no_grad()
+def encode_dense(
+    model: VideoModel,
+    videos: VideoSplit,
+    rows: torch.Tensor,
+    class_text: torch.Tensor,
+    policy: FramePolicy,
+    prep: Preprocess,
+    *,
+    workers: int,
+    bf16: bool,
+    backend: str = "auto",
+    progress: bool = False,
+) -> FeatureBank:
+    """Encode every source frame (dense ``policy``) of ``rows``: the bank a dense store gives."""
+    was_training = model.training
+    model.eval()
+    device = class_text.device
+    rows = torch.unique(rows.cpu())
+    dataset = torch.utils.data.Subset(DenseVideos(videos, policy, prep, backend), rows.tolist())
+    cap, n = policy.count, len(videos)
+    frame_index = np.full((n, cap), -1, dtype=np.int32)
+    n_frames = np.ones(n, dtype=np.int64)
+    length = np.zeros(n, dtype=np.int32)
+    fps = np.zeros(n, dtype=np.float32)
+    features = None
+    bar = tqdm(total=len(rows), unit="video", desc="encode", disable=not progress, leave=False)
+    for row, (pixels, index, source_length, source_fps) in zip(
+        rows.tolist(), _loader(dataset, None, workers, None), strict=True
+    ):
+        with autocast_for(device, bf16):
+            encoded, _ = model.encode(pixels.to(device, non_blocking=True))
+        if features is None:
+            features = torch.zeros(n, cap, encoded.shape[-1], dtype=torch.float16)
+        count = len(index)
+        features[row, :count] = encoded.half().cpu()
+        frame_index[row, :count], n_frames[row] = index, count
+        length[row], fps[row] = source_length, source_fps
+        bar.update(1)
+    bar.close()
+    model.train(was_training)
+    return FeatureBank(
+        split=videos.split,
+        video_ids=videos.video_ids,
+        store_rows=np.arange(n),
+        features={"center": features.to(device)},
+        layers={},
+        n_frames=torch.from_numpy(n_frames).to(device),
+        class_ids=videos.class_ids.to(device),
+        class_text=class_text,
+        class_names=videos.class_names,
+        fingerprint="",
+        skipped=videos.skipped,
+        frame_index=frame_index,
+        source_length=length,
+        fps=fps,
+        frame_policy=policy.spec,
+    )
 
 
 @torch.no_grad()
@@ -141,8 +218,15 @@ def evaluate_decoded(
     bf16: bool,
     backend: str = "auto",
     progress: bool = False,
+    test_frames: str = "cached",
+    seed: int = 0,
+    dataset: str | None = None,
+    dense: FramePolicy | None = None,
 ) -> EvalOutcome:
-    """Decode and encode every episode's videos, then score it (one episode per pass)."""
+    """Decode and encode every episode's videos, then score it (one episode per pass).
+
+    A release test rule (``test_frames``) picks each occurrence's frames as on a dense store
+    (random rules seeded by (seed, episode index)); ``dense`` is unused here."""
     was_training = model.training
     model.eval()
     device = class_text.device
@@ -150,7 +234,12 @@ def evaluate_decoded(
     confusion = torch.zeros(n_classes, n_classes, dtype=torch.long)
     accuracies = []
     loader = _loader(
-        EvalEpisodes(videos, episodes, policy, prep, backend), 1, workers, collate_episodes
+        EvalEpisodes(
+            videos, episodes, policy, prep, backend, resolve_rule(test_frames, dataset), seed
+        ),
+        1,
+        workers,
+        collate_episodes,
     )
     for batch in tqdm(loader, total=len(episodes), unit="episode", disable=not progress):
         index = batch.episodes

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from fsar.cache.bank import FeatureBank
 from fsar.config import HeadConfig
+from fsar.data.release_frames import RANDOM_RULES
 from fsar.errors import FsarError
 from fsar.heads import FewShotHead
 from fsar.pipelines.build import episode_tensors
@@ -22,6 +23,7 @@ from fsar.pipelines.episodes import (
     cached_test_positions,
     segment_random_positions,
 )
+from fsar.pipelines.frame_plan import deterministic_table, episode_positions, resolve_rule
 
 
 class NonFiniteScores(FsarError, ValueError):
@@ -35,15 +37,34 @@ class EvalSetup:
     bank: FeatureBank
     episodes: EpisodeIndex
     seq_len: int
-    test_frames: str  # "cached" | "segment_random"
+    test_frames: str  # protocol.test_frames: "cached" | "segment_random" | a release rule
     seed: int
+    dataset: str | None = None  # resolves clipfsar_test (Kinetics-100 rules on kinetics)
 
-    def positions(self) -> torch.Tensor:
-        """long [V_bank, T]; seeded, so every head sees the same frames."""
+    @property
+    def rule(self) -> str | None:
+        """The release rule drawn over source frames (None: fsar's cached rules)."""
+        rule = resolve_rule(self.test_frames, self.dataset)
+        if rule == "clipspm_test" and not self.bank.frame_policy.startswith("dense"):
+            return None  # a reference_test:8 store caches exactly these frames
+        return rule
+
+    def positions(self) -> torch.Tensor | None:
+        """long [V_bank, T]; seeded, so every head sees the same frames. None when the frames
+        are redrawn per episode occurrence (``episode_positions``)."""
+        rule = self.rule
+        if rule in RANDOM_RULES:
+            return None
+        if rule is not None:
+            return deterministic_table(self.bank, rule)
         if self.test_frames == "segment_random":
             generator = torch.Generator().manual_seed(self.seed + 1)
             return segment_random_positions(self.bank.n_frames, self.seq_len, generator)
         return cached_test_positions(self.bank.n_frames, self.seq_len)
+
+    def episode_positions(self, start: int, episodes: EpisodeIndex):
+        """(support [B, S, T], query [B, Q, T]) cached positions of episodes start, start+1..."""
+        return episode_positions(self.bank, episodes, start, self.rule, self.seed)
 
 
 @dataclass
@@ -84,7 +105,7 @@ def evaluate_episodes(
     was_training = head.training
     head.eval()
     bank = setup.bank
-    positions = setup.positions()
+    table = setup.positions()
     n_classes = len(bank.class_text)
     confusion = torch.zeros(n_classes, n_classes, dtype=torch.long)
     accuracies = []
@@ -93,6 +114,7 @@ def evaluate_episodes(
     try:
         for start in range(0, total, episode_batch):
             episodes = setup.episodes.slice(start, start + episode_batch)
+            positions = table if table is not None else setup.episode_positions(start, episodes)
             batch = episode_tensors(bank, episodes, positions, None, head_config, training=False)
             logits = head(batch.support, batch.support_labels, batch.query, batch.class_text)
             accuracies.append(tally(logits.logits, episodes, confusion))

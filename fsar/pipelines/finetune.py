@@ -55,6 +55,7 @@ from fsar.pipelines.clips import (
 from fsar.pipelines.e2e_eval import autocast_for, evaluate_cached, evaluate_decoded
 from fsar.pipelines.episodes import EpisodeSampler, EpisodeShape, fixed_episodes
 from fsar.pipelines.evaluate import NonFiniteScores
+from fsar.pipelines.frame_plan import resolve_rule
 from fsar.pipelines.run_checkpoints import FINETUNE_COMPARED, kept_files, save_run_checkpoints
 from fsar.pipelines.train import (
     MetricLogger,
@@ -100,6 +101,24 @@ class Setup:
 def evaluation_policy(config: Config) -> FramePolicy:
     ex = config.extract
     return parse_frame_policy("reference_test", seq_len=ex.seq_len, min_frames=ex.min_frames)
+
+
+def dense_policy(config: Config) -> FramePolicy:
+    """Every source frame: what a release test rule redrawn per episode reads (as a dense
+    store caches it); ``extract.frames`` when it is a dense policy."""
+    ex = config.extract
+    spec = ex.frames if ex.frames.split(":")[0] == "dense" else "dense"
+    return parse_frame_policy(spec, seq_len=ex.seq_len, t_cap=ex.t_cap, min_frames=ex.min_frames)
+
+
+def test_frame_options(config: Config) -> dict[str, Any]:
+    """The evaluation-frame keywords of ``evaluate_cached`` / ``evaluate_decoded``."""
+    return {
+        "test_frames": config.protocol.test_frames,
+        "seed": config.eval.seed,
+        "dataset": config.dataset.name,
+        "dense": dense_policy(config),
+    }
 
 
 def build_video_model(config: Config, class_names, device: torch.device) -> Setup:
@@ -220,8 +239,17 @@ def finetune(config: Config, progress: bool = True) -> FinetuneResult:
         else model
     )
     flip = ft.flip if ft.flip is not None else not config.dataset.name.startswith("ssv2")
+    train_rule = resolve_rule(config.protocol.train_frames, config.dataset.name)
     episodes = TrainEpisodes(
-        train_videos, sampler, tr.seed, ex.seq_len, setup.prep, flip, ex.decode_backend
+        train_videos,
+        sampler,
+        tr.seed,
+        ex.seq_len,
+        setup.prep,
+        flip,
+        ex.decode_backend,
+        rule=train_rule,
+        k100_queries=train_rule == "clipfsar_k100_train",
     )
     my_tasks = [
         step * tr.tasks_per_batch + dist.rank * local_tasks + i
@@ -430,6 +458,7 @@ def validate_and_save(
             bf16=config.train.bf16,
             backend=config.extract.decode_backend,
             progress=show,
+            **test_frame_options(config),
             **kwargs,
         )
     except NonFiniteScores as err:

@@ -29,6 +29,7 @@ from fsar.pipelines.checkpoint import (
 )
 from fsar.pipelines.episodes import EpisodeShape, fixed_episodes
 from fsar.pipelines.evaluate import EvalOutcome, EvalSetup, evaluate_episodes
+from fsar.pipelines.frame_plan import check_store_frames, store_frames
 
 RESULT_KIND = "fsar-eval/1"
 
@@ -100,6 +101,14 @@ def run_evaluation(
             "re-extracted with --checkpoint, or --decode --root VIDEOS)"
         )
     store = open_store(Path(store_path))
+    dataset = store.recipe.get("dataset")
+    if checkpoint:  # the frames the head was trained for; refused before loading the split
+        protocol = load_checkpoint(checkpoint)["protocol"]
+        test_frames = protocol.get("test_frames", "cached")
+    else:
+        test_frames = config.protocol.test_frames
+    frames = store_frames(store.recipe)
+    check_store_frames("protocol.test_frames", test_frames, frames, dataset, store.path)
     bank = load_bank(store, ev.split, device, ["center"], [])
     source = load_head_source(config, checkpoint, device, bank)
     if source.checkpoint is not None:
@@ -107,7 +116,12 @@ def run_evaluation(
     shape = EpisodeShape(config.episodes.way, config.episodes.shot, config.episodes.query)
     episodes = fixed_episodes(bank, shape, ev.episodes, ev.seed)
     setup = EvalSetup(
-        bank, episodes, int(store.recipe["seq_len"]), source.protocol.test_frames, ev.seed
+        bank,
+        episodes,
+        int(store.recipe["seq_len"]),
+        source.protocol.test_frames,
+        ev.seed,
+        dataset,
     )
     outcome = evaluate_episodes(
         source.head, setup, source.head_config, ev.episode_batch, progress=progress
@@ -134,7 +148,7 @@ def run_decoded_evaluation(
     from fsar.data.datasets import load_dataset
     from fsar.pipelines.clips import video_split
     from fsar.pipelines.e2e_eval import evaluate_decoded
-    from fsar.pipelines.finetune import load_video_model
+    from fsar.pipelines.finetune import load_video_model, test_frame_options
 
     ev = config.eval
     if not checkpoint:
@@ -172,6 +186,7 @@ def run_decoded_evaluation(
         bf16=trained.train.bf16,
         backend=trained.extract.decode_backend,
         progress=progress,
+        **{**test_frame_options(trained), "seed": ev.seed},
     )
     head_config, protocol = trained.head, trained.protocol
     result = {

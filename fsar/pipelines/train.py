@@ -40,6 +40,12 @@ from fsar.pipelines.episodes import (
     train_positions,
 )
 from fsar.pipelines.evaluate import EvalSetup, NonFiniteScores, evaluate_episodes
+from fsar.pipelines.frame_plan import (
+    check_store_frames,
+    resolve_rule,
+    store_frames,
+    training_positions,
+)
 from fsar.pipelines.run_checkpoints import (
     TRAIN_COMPARED,
     check_resumable,
@@ -84,6 +90,8 @@ def train_heads(config: Config, progress: bool = True) -> TrainResult:
     device = resolve_device(tr.device)
     store = open_store(Path(tr.store))
     seq_len = int(store.recipe["seq_len"])
+    dataset = store.recipe.get("dataset")
+    check_protocol_frames(config.protocol, store, dataset)
     layers = [hsmr_layer(config.head)] if hsmr_layer(config.head) else []
     train_bank = load_bank(store, "train", device, config.protocol.train_views, layers)
     select_bank = load_bank(store, config.protocol.selection_split, device, ["center"], layers)
@@ -103,7 +111,9 @@ def train_heads(config: Config, progress: bool = True) -> TrainResult:
         seq_len,
         config.protocol.test_frames,
         config.eval.seed,
+        dataset,
     )
+    train_rule = resolve_rule(config.protocol.train_frames, dataset)
     torch.manual_seed(tr.seed)
     head = build_head(config.head, train_bank.feature_dim, train_bank.layer_dims).to(device)
     params = [p for p in head.parameters() if p.requires_grad]
@@ -141,7 +151,9 @@ def train_heads(config: Config, progress: bool = True) -> TrainResult:
             loss_sum, correct, total = 0.0, 0, 0
             for _ in range(micro_batches):
                 episodes = sampler.sample(tr.episode_batch, generator)
-                positions, views = jitter_used_videos(train_bank, episodes, seq_len, generator)
+                positions, views = jitter_used_videos(
+                    train_bank, episodes, seq_len, generator, train_rule
+                )
                 batch = episode_tensors(
                     train_bank, episodes, positions, views.to(device), config.head, True,
                     train_classes,
@@ -253,18 +265,38 @@ class Saver:
             self.save(improved=False)
 
 
-def jitter_used_videos(bank: FeatureBank, episodes, seq_len: int, generator: torch.Generator):
+def check_protocol_frames(protocol, store, dataset: str | None) -> None:
+    """A release frame rule needs a dense store: refuse any other before loading anything."""
+    frames = store_frames(store.recipe)
+    check_store_frames("protocol.test_frames", protocol.test_frames, frames, dataset, store.path)
+    check_store_frames("protocol.train_frames", protocol.train_frames, frames, dataset, store.path)
+
+
+def jitter_used_videos(
+    bank: FeatureBank,
+    episodes,
+    seq_len: int,
+    generator: torch.Generator,
+    rule: str | None = None,
+):
     """Training frames and views for the videos of these episodes only.
 
     A bank can hold tens of thousands of videos and an episode uses a few dozen, so the draws
     are made for the used rows and scattered into bank-sized tables (long [V, T] and [V]).
+    ``rule``: a release training rule over the source frames of a dense store, drawn per
+    occurrence (positions are then a (support, query) pair); None: the jitter over cached
+    frames of SPEC 3.
     """
     rows = torch.unique(torch.cat([episodes.support.flatten(), episodes.query.flatten()]))
-    positions = torch.zeros(len(bank), seq_len, dtype=torch.long)
-    positions[rows] = train_positions(bank.n_frames.cpu()[rows], seq_len, generator)
+    if rule is not None:  # per occurrence: (support [B, S, T], query [B, Q, T])
+        positions = training_positions(bank, episodes, rule, generator)
+    else:
+        positions = torch.zeros(len(bank), seq_len, dtype=torch.long)
+        positions[rows] = train_positions(bank.n_frames.cpu()[rows], seq_len, generator)
+        positions = positions.to(bank.device)
     views = torch.zeros(len(bank), dtype=torch.long)
     views[rows] = torch.randint(len(bank.views), (len(rows),), generator=generator)
-    return positions.to(bank.device), views
+    return positions, views
 
 
 @dataclass
