@@ -14,16 +14,12 @@ from typing import Any
 
 import torch
 
-from fsar.errors import FsarError
+from fsar.torch_files import CheckpointError, load_torch_file
 
 FORMAT = "fsar-heads/1"
 # Recipe keys that must agree between the store a head was trained on and one it is evaluated
 # on: the same encoder and the same pixels in (the dataset and split may differ).
 ENCODER_KEYS = ("model", "weights", "quick_gelu", "image_size", "resize", "crop", "normalize")
-
-
-class CheckpointError(FsarError, ValueError):
-    """A checkpoint is missing, unreadable or does not fit the store it is used with."""
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
@@ -48,13 +44,10 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """An fsar head checkpoint, read with ``weights_only=True``; anything else is refused with
+    the reason in one line."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # truncated file, foreign pickle with code, ...
-        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
+    payload = load_torch_file(path, "checkpoint", map_location)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(
             f"{path} is not an fsar head checkpoint (format {FORMAT}); for an official "
