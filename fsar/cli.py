@@ -370,7 +370,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "train":
         return commands.train(config_from_args(args))
     if args.command == "eval":
-        return commands.evaluate(config_from_args(args), args.compare)
+        return commands.evaluate(config_from_args(args), args.compare, args.head)
     if args.command == "finetune":
         return commands.finetune(config_from_args(args))
     if args.command == "ablate":

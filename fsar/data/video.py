@@ -16,6 +16,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from fsar.config import ConfigError
 from fsar.errors import FsarError
 
 BACKENDS = ("auto", "decord", "pyav")
@@ -48,7 +49,7 @@ def open_source(path: Path, backend: str = "auto", threads: int = 0) -> FrameSou
     Raises DecodeError for a missing or empty file, an undecodable video or an empty folder.
     """
     if backend not in BACKENDS:
-        raise ValueError(f"unknown video backend {backend!r}; valid: {', '.join(BACKENDS)}")
+        raise ConfigError(f"unknown video backend {backend!r}; valid: {', '.join(BACKENDS)}")
     path = Path(path)
     if path.is_dir():
         return JpegFolderSource(path)

@@ -104,6 +104,11 @@ def to_official(head: nn.Module) -> dict[str, Tensor]:
 def _read_state_dict(source: Mapping[str, Tensor] | str | os.PathLike) -> Mapping[str, Tensor]:
     if isinstance(source, (str, os.PathLike)):
         loaded = load_torch_file(source, "official checkpoint")
+        if isinstance(loaded, Mapping) and str(loaded.get("format", "")).startswith("fsar-"):
+            raise CheckpointError(
+                f"{os.fspath(source)} is an fsar checkpoint, not an official release one: pass it "
+                "with --checkpoint"
+            )
         if isinstance(loaded, Mapping) and "model_state_dict" in loaded:
             loaded = loaded["model_state_dict"]
         if not isinstance(loaded, Mapping) or not all(

@@ -43,17 +43,34 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
         os.close(directory)
 
 
-def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(
+    path: Path | str, map_location: str | torch.device = "cpu", mmap: bool = False
+) -> dict[str, Any]:
     """An fsar head checkpoint, read with ``weights_only=True``; anything else is refused with
-    the reason in one line."""
+    the reason in one line. ``mmap``: map instead of read (to look at a few fields only)."""
     path = Path(path)
-    payload = load_torch_file(path, "checkpoint", map_location)
+    payload = load_torch_file(path, "checkpoint", map_location, mmap=mmap)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(
             f"{path} is not an fsar head checkpoint (format {FORMAT}); for an official "
             "CLIP-SPM / CLIP-FSAR checkpoint use eval.official"
         )
     return payload
+
+
+def check_requested_head(path: Path | str, head: str | None) -> None:
+    """The checkpoint decides the head it is scored with; an explicit ``--head`` naming another
+    head is refused (naming both) rather than silently ignored."""
+    if head is None:
+        return
+    payload = load_checkpoint(path, mmap=True)
+    saved = payload["config"]["head"]["name"]
+    if saved != head:
+        raise CheckpointError(
+            f"{path} holds a {saved} head (trained on D={payload['feature_dim']} features), but "
+            f"--head {head} was requested: pass --head {saved}, or leave --head out (the "
+            "checkpoint decides it)"
+        )
 
 
 def encoder_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
