@@ -319,3 +319,26 @@ def test_an_error_starts_its_own_line_after_a_live_progress_bar(monkeypatch, cap
     err = capsys.readouterr().err
     assert "work" in err
     assert err.endswith("\nfsar config: error: the third item is bad\n")
+
+
+# --- decoder libraries -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["auto", "decord", "pyav"])
+def test_a_damaged_video_is_reported_by_our_error_alone(videos, tmp_path, capfd, backend):
+    """No decoder library lines on the terminal (checked at the file descriptor); the reason
+    stays in the DecodeError text that the store records."""
+    from fsar.data.video import DecodeError, open_source
+
+    whole = (videos / "class0" / "v0.mp4").read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(whole[: len(whole) // 3])  # the moov atom is at the end: missing
+    noise = tmp_path / "noise.mp4"
+    noise.write_bytes(bytes(range(256)) * 16)
+    for path in (cut, noise):
+        with pytest.raises(DecodeError) as error:
+            source = open_source(path, backend=backend)
+            source.read([0])
+        assert str(path) in str(error.value) and "cannot decode" in str(error.value)
+    print("marker", file=sys.stderr)  # stderr itself still works afterwards
+    assert capfd.readouterr().err == "marker\n"

@@ -8,9 +8,13 @@ extraction runner records that text for the failed video and moves on.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
 import re
+import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -135,11 +139,12 @@ class DecordSource:
     def __init__(self, path: Path, threads: int = 0):
         self.path = Path(path)
         try:
-            import decord
+            decord = _quiet_decord()
         except ImportError as e:
             raise DecodeError(f"cannot decode {self.path}: decord is not installed") from e
         try:
-            self._reader = decord.VideoReader(str(self.path), num_threads=threads)
+            with _native_stderr_discarded():
+                self._reader = decord.VideoReader(str(self.path), num_threads=threads)
             self.num_frames = len(self._reader)
         except Exception as e:  # decord raises its own DECORDError and RuntimeError
             raise DecodeError(f"cannot decode {self.path}: {_first_line(e)}") from e
@@ -150,7 +155,8 @@ class DecordSource:
         indices = _check_indices(indices, self.num_frames, self.path)
         unique = sorted(set(indices))
         try:
-            batch = self._reader.get_batch(unique).asnumpy()  # [U, H, W, 3] uint8
+            with _native_stderr_discarded():
+                batch = self._reader.get_batch(unique).asnumpy()  # [U, H, W, 3] uint8
         except Exception as e:
             raise DecodeError(f"cannot decode {self.path}: {_first_line(e)}") from e
         position = {frame: row for row, frame in enumerate(unique)}
@@ -234,6 +240,37 @@ class _FallbackSource:
                 return fallback.read(clamped)
             except DecodeError as pyav_error:
                 raise DecodeError(f"{pyav_error} (decord: {decord_error})") from pyav_error
+
+
+@functools.cache
+def _quiet_decord():
+    """decord with its bundled FFmpeg's log off: a damaged file is reported once, by the
+    DecodeError text stored with the video, not by library lines on the terminal."""
+    import decord
+
+    decord.logging.set_level(decord.logging.QUIET)
+    return decord
+
+
+@contextlib.contextmanager
+def _native_stderr_discarded() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null for a native call that logs on its own.
+
+    decord's C++ core prints ``video_reader.cc: ERROR opening ...`` straight to the process's
+    stderr (no switch turns it off) and then raises with the same reason, which we keep. Only the
+    span of one open or read is silenced; decoding runs in DataLoader workers or sequentially
+    in the main thread, so no progress bar or message of ours is written meanwhile.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def _stack(frames: list[np.ndarray]) -> np.ndarray:
