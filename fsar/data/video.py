@@ -9,7 +9,6 @@ extraction runner records that text for the failed video and moves on.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import re
 import sys
@@ -242,10 +241,10 @@ class _FallbackSource:
                 raise DecodeError(f"{pyav_error} (decord: {decord_error})") from pyav_error
 
 
-@functools.cache
 def _quiet_decord():
-    """decord with its bundled FFmpeg's log off: a damaged file is reported once, by the
-    DecodeError text stored with the video, not by library lines on the terminal."""
+    """decord with its bundled FFmpeg's log off (a cheap call, so made on every open): a damaged
+    file is reported once, by the DecodeError text stored with the video, not by library lines
+    on the terminal."""
     import decord
 
     decord.logging.set_level(decord.logging.QUIET)
