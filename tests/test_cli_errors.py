@@ -25,7 +25,7 @@ from .conftest import REPO, moving_square, run_fsar
 
 def error_lines(stderr: str) -> list[str]:
     """stderr without progress-bar redraws (lines holding a carriage return)."""
-    return [line for line in stderr.splitlines() if line.strip() and "\r" not in line]
+    return [line for line in stderr.split("\n") if line.strip() and "\r" not in line]
 
 
 def assert_one_line(result: subprocess.CompletedProcess, command: str, *words: str) -> str:
@@ -342,3 +342,22 @@ def test_a_damaged_video_is_reported_by_our_error_alone(videos, tmp_path, capfd,
         assert str(path) in str(error.value) and "cannot decode" in str(error.value)
     print("marker", file=sys.stderr)  # stderr itself still works afterwards
     assert capfd.readouterr().err == "marker\n"
+
+
+def test_a_disk_that_fills_up_while_blocks_are_written_is_one_line(
+    videos, tmp_path, monkeypatch, capsys
+):
+    """ENOSPC where a chunk of features is synced to disk (injected: the disk is not full)."""
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if "/features/" in path and "/c/" in path:  # a chunk, not the array metadata
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    args = ["extract", "--dataset", "folder", "--root", str(videos), "--workers", "0"]
+    assert cli.main(args + ["--out", str(tmp_path / "s.zarr")]) == 2
+    lines = error_lines(capsys.readouterr().err)
+    assert lines == ["fsar extract: error: No space left on device"]

@@ -63,7 +63,7 @@ def _head_type(head: nn.Module) -> type:
         if isinstance(head, cls):
             return cls
     raise CheckpointError(
-        f"official checkpoints hold CLIP-SPM or CLIP-FSAR heads, not a {type(head).__name__}: "
+        f"official checkpoints hold CLIP-SPM or CLIP-FSAR heads, not {type(head).__name__}: "
         "pass --head clipspm or --head clipfsar"
     )
 
