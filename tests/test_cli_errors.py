@@ -361,3 +361,14 @@ def test_a_disk_that_fills_up_while_blocks_are_written_is_one_line(
     assert cli.main(args + ["--out", str(tmp_path / "s.zarr")]) == 2
     lines = error_lines(capsys.readouterr().err)
     assert lines == ["fsar extract: error: No space left on device"]
+
+
+def test_an_official_head_of_another_feature_width_names_both_widths():
+    from fsar.heads import CLIPFSARHead, load_official, to_official
+    from fsar.torch_files import CheckpointError
+
+    wide = to_official(CLIPFSARHead(64, mlp_dim=32))
+    with pytest.raises(CheckpointError) as error:
+        load_official(CLIPFSARHead(32, mlp_dim=32), wide)
+    message = str(error.value)
+    assert "D=64" in message and "D=32" in message and "--store" in message
