@@ -138,9 +138,12 @@ class DecordSource:
     def __init__(self, path: Path, threads: int = 0):
         self.path = Path(path)
         try:
-            decord = _quiet_decord()
+            import decord
         except ImportError as e:
             raise DecodeError(f"cannot decode {self.path}: decord is not installed") from e
+        # Its bundled FFmpeg's log off: a damaged file is reported once, by the DecodeError text
+        # stored with the video, not by library lines on the terminal.
+        decord.logging.set_level(decord.logging.QUIET)
         try:
             with _native_stderr_discarded():
                 self._reader = decord.VideoReader(str(self.path), num_threads=threads)
@@ -239,16 +242,6 @@ class _FallbackSource:
                 return fallback.read(clamped)
             except DecodeError as pyav_error:
                 raise DecodeError(f"{pyav_error} (decord: {decord_error})") from pyav_error
-
-
-def _quiet_decord():
-    """decord with its bundled FFmpeg's log off (a cheap call, so made on every open): a damaged
-    file is reported once, by the DecodeError text stored with the video, not by library lines
-    on the terminal."""
-    import decord
-
-    decord.logging.set_level(decord.logging.QUIET)
-    return decord
 
 
 @contextlib.contextmanager
