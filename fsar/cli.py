@@ -324,7 +324,14 @@ def describe_error(err: BaseException) -> str:
         text = err.strerror
     else:
         text = str(err) or type(err).__name__
+    if WORKER_TRACEBACK in text:  # re-raised from a DataLoader worker: keep the worker's message
+        last = text.rstrip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
     return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+# torch re-raises a DataLoader worker's exception with the worker's traceback in its message
+WORKER_TRACEBACK = "Original Traceback (most recent call last):"
 
 
 def _error_line(line: str, debug: bool) -> None:

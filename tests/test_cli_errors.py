@@ -372,3 +372,26 @@ def test_an_official_head_of_another_feature_width_names_both_widths():
         load_official(CLIPFSARHead(32, mlp_dim=32), wide)
     message = str(error.value)
     assert "D=64" in message and "D=32" in message and "--store" in message
+
+
+def test_an_expected_error_in_a_dataloader_worker_is_one_line_without_its_traceback(
+    monkeypatch, capsys
+):
+    from torch.utils.data import DataLoader
+
+    from fsar.data.video import DecodeError
+
+    class Videos(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, index):
+            raise DecodeError(f"cannot decode clip{index}.mp4: moov atom not found")
+
+    def decode_in_a_worker(config):
+        next(iter(DataLoader(Videos(), num_workers=1)))
+
+    monkeypatch.setattr("fsar.commands.show_config", decode_in_a_worker)
+    assert cli.main(["config"]) == 2
+    lines = error_lines(capsys.readouterr().err)
+    assert lines == ["fsar config: error: cannot decode clip0.mp4: moov atom not found"]
