@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import select
 import signal
 import sys
 import traceback
@@ -301,8 +302,11 @@ def main(argv: list[str] | None = None) -> int:
         code = _dispatch(args)
         sys.stdout.flush()  # a closed pipe surfaces here, not at interpreter exit
         return code
-    except BrokenPipeError:
-        return _stdout_closed()
+    except BrokenPipeError as err:
+        if _stdout_reader_gone():
+            return _stdout_closed()
+        _error_line(f"fsar {args.command}: error: {describe_error(err)}", debug)
+        return 2
     except Interrupted as err:  # a guarded loop stopped at a safe point
         _error_line(str(err), debug)
         return err.exit_code
@@ -312,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FsarError, OSError, yaml.YAMLError) as err:
         _error_line(f"fsar {args.command}: error: {describe_error(err)}", debug)
         return 2
+    except Exception:  # a bug: its traceback, starting on a line of its own
+        _close_progress_bars()
+        raise
 
 
 def describe_error(err: BaseException) -> str:
@@ -351,6 +358,16 @@ def _close_progress_bars() -> None:
         with contextlib.suppress(Exception):
             bar.close()
     sys.stderr.flush()
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (not some other broken pipe)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll() here, or stdout has no descriptor
+        return False
 
 
 def _stdout_closed() -> int:

@@ -395,3 +395,27 @@ def test_an_expected_error_in_a_dataloader_worker_is_one_line_without_its_traceb
     assert cli.main(["config"]) == 2
     lines = error_lines(capsys.readouterr().err)
     assert lines == ["fsar config: error: cannot decode clip0.mp4: moov atom not found"]
+
+
+def test_a_broken_pipe_other_than_stdout_is_an_error_not_a_quiet_exit(monkeypatch, capsys):
+    def lost_connection(config):
+        raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+    monkeypatch.setattr("fsar.commands.show_config", lost_connection)
+    assert cli.main(["config"]) == 2
+    assert error_lines(capsys.readouterr().err) == ["fsar config: error: Broken pipe"]
+
+
+def test_a_bug_after_a_live_progress_bar_gets_its_traceback_on_a_fresh_line(monkeypatch, capsys):
+    from tqdm import tqdm
+
+    def fails_midway(config):
+        bar = tqdm(total=10, desc="work", file=sys.stderr)
+        bar.update(3)
+        raise KeyError("a bug")
+
+    monkeypatch.setattr("fsar.commands.show_config", fails_midway)
+    with pytest.raises(KeyError):
+        cli.main(["config"])
+    err = capsys.readouterr().err
+    assert "work" in err and err.endswith("\n")
