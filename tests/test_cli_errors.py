@@ -126,7 +126,14 @@ def test_a_full_disk_under_stdout_is_one_line():
     assert_one_line(result, "config", "No space left on device")
 
 
-@pytest.mark.parametrize("command", [["cache", "info", "STORE"], ["config"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["cache", "info", "STORE"],
+        ["config"],
+        pytest.param(["splits", "list"], marks=pytest.mark.slow),  # imports torch: ~7 s
+    ],
+)
 def test_output_into_a_closed_pipe_exits_quietly(store, command):
     """`fsar cache info STORE | head`: the reader is gone before we write."""
     read_end, write_end = os.pipe()
