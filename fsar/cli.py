@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import select
-import signal
 import sys
-import traceback
 from pathlib import Path
 
 import yaml
 
 from fsar.config import ConfigError, config_dir, describe, load_config
 from fsar.errors import FsarError
+from fsar.failures import (
+    close_progress_bars,
+    describe_error,
+    error_line,
+    stdout_closed,
+    stdout_reader_gone,
+)
 from fsar.interrupts import RERUN_HINT, Interrupted
 
 # flag -> dotted config key, shared by the sub-commands that build a Config
@@ -303,83 +306,22 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # a closed pipe surfaces here, not at interpreter exit
         return code
     except BrokenPipeError as err:
-        if _stdout_reader_gone():
-            return _stdout_closed()
-        _error_line(f"fsar {args.command}: error: {describe_error(err)}", debug)
+        if stdout_reader_gone():
+            return stdout_closed()
+        error_line(f"fsar {args.command}: error: {describe_error(err)}", debug)
         return 2
     except Interrupted as err:  # a guarded loop stopped at a safe point
-        _error_line(str(err), debug)
+        error_line(str(err), debug)
         return err.exit_code
     except KeyboardInterrupt:  # Ctrl-C outside a guarded loop
-        _error_line(RERUN_HINT, debug)
+        error_line(RERUN_HINT, debug)
         return 130
     except (FsarError, OSError, yaml.YAMLError) as err:
-        _error_line(f"fsar {args.command}: error: {describe_error(err)}", debug)
+        error_line(f"fsar {args.command}: error: {describe_error(err)}", debug)
         return 2
     except Exception:  # a bug: its traceback, starting on a line of its own
-        _close_progress_bars()
+        close_progress_bars()
         raise
-
-
-def describe_error(err: BaseException) -> str:
-    """One line naming an expected failure; an OSError as ``path: reason`` (e.g. ``No space left
-    on device``, ``Read-only file system``, ``Not a directory``)."""
-    if isinstance(err, OSError) and err.strerror and err.filename is not None:
-        paths = [str(err.filename)] + ([str(err.filename2)] if err.filename2 is not None else [])
-        text = f"{' -> '.join(paths)}: {err.strerror}"
-    elif isinstance(err, OSError) and err.strerror:
-        text = err.strerror
-    else:
-        text = str(err) or type(err).__name__
-    if WORKER_TRACEBACK in text:  # re-raised from a DataLoader worker: keep the worker's message
-        last = text.rstrip().splitlines()[-1]
-        text = last.split(": ", 1)[1] if ": " in last else last
-    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
-
-
-# torch re-raises a DataLoader worker's exception with the worker's traceback in its message
-WORKER_TRACEBACK = "Original Traceback (most recent call last):"
-
-
-def _error_line(line: str, debug: bool) -> None:
-    """Print ``line`` to stderr on a line of its own (after the traceback with FSAR_DEBUG)."""
-    _close_progress_bars()
-    if debug:
-        traceback.print_exc()
-    print(line, file=sys.stderr)
-
-
-def _close_progress_bars() -> None:
-    """A live tqdm bar leaves the cursor after its text: close it so the error starts a line."""
-    tqdm = sys.modules.get("tqdm")
-    if tqdm is None:
-        return
-    for bar in list(getattr(tqdm.tqdm, "_instances", ())):
-        with contextlib.suppress(Exception):
-            bar.close()
-    sys.stderr.flush()
-
-
-def _stdout_reader_gone() -> bool:
-    """Whether stdout is a pipe whose reader has closed it (not some other broken pipe)."""
-    try:
-        poller = select.poll()
-        poller.register(sys.stdout.fileno(), select.POLLOUT)
-        return any(events & select.POLLERR for _, events in poller.poll(0))
-    except (AttributeError, OSError, ValueError):  # no poll() here, or stdout has no descriptor
-        return False
-
-
-def _stdout_closed() -> int:
-    """The reader of our output went away (``fsar cache info STORE | head``): stop quietly.
-
-    Python's documented recipe: point stdout at devnull so the flush at exit does not raise again.
-    The exit status is the one a program killed by SIGPIPE reports to shells (128 + 13).
-    """
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
-    return 128 + signal.SIGPIPE
 
 
 def _dispatch(args: argparse.Namespace) -> int:
