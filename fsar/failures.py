@@ -14,6 +14,9 @@ import signal
 import sys
 import traceback
 
+# torch re-raises a DataLoader worker's exception with the worker's traceback in its message
+WORKER_TRACEBACK = "Original Traceback (most recent call last):"
+
 
 def describe_error(err: BaseException) -> str:
     """One line naming an expected failure; an OSError as ``path: reason`` (e.g. ``No space left
@@ -29,10 +32,6 @@ def describe_error(err: BaseException) -> str:
         last = text.rstrip().splitlines()[-1]
         text = last.split(": ", 1)[1] if ": " in last else last
     return "; ".join(line.strip() for line in text.splitlines() if line.strip())
-
-
-# torch re-raises a DataLoader worker's exception with the worker's traceback in its message
-WORKER_TRACEBACK = "Original Traceback (most recent call last):"
 
 
 def error_line(line: str, debug: bool) -> None:
