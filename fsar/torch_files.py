@@ -8,6 +8,7 @@ off); ``refusal_reason`` turns any of them into one short line naming what is wr
 
 from __future__ import annotations
 
+import json
 import pickle
 import zipfile
 from pathlib import Path
@@ -48,14 +49,34 @@ def check_weights_file(path: str | Path, what: str) -> None:
     if not head:
         raise CheckpointError(f"{what} {path} refused: the file is empty")
     if path.suffix == ".safetensors":
-        header_size = int.from_bytes(head[:8], "little") if len(head) >= 8 else 0
-        if head[8:9] != b"{" or not 0 < header_size < path.stat().st_size:
-            raise CheckpointError(
-                f"{what} {path} refused: not a safetensors file (no JSON header at the start)"
-            )
+        reason = _safetensors_problem(path)
+        if reason:
+            raise CheckpointError(f"{what} {path} refused: {reason}")
         return
     if not (zipfile.is_zipfile(path) or head.startswith((b"PK", PICKLE_PROTOCOL_2_PLUS))):
         raise CheckpointError(f"{what} {path} refused: {_NOT_TORCH}")
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a safetensors file, read from its header alone (None: looks whole).
+
+    The format is an 8-byte little-endian header length, a JSON header giving each tensor's byte
+    range, then the data; a truncated copy is shorter than the ranges say.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as file:
+        header_size = int.from_bytes(file.read(8), "little")
+        if size < 8 or not 2 <= header_size <= size - 8:
+            return "not a safetensors file (no JSON header at the start)"
+        try:
+            header = json.loads(file.read(header_size))
+            ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return "not a safetensors file (its header is not the format's JSON)"
+    expected = 8 + header_size + max(ends, default=0)
+    if expected != size:
+        return f"a truncated or damaged safetensors file ({size} bytes; its header says {expected})"
+    return None
 
 
 _NOT_TORCH = "not a PyTorch file (neither a torch.save zip archive nor a pickle)"

@@ -233,6 +233,19 @@ def test_every_kind_of_bad_weights_file_is_named(
     assert reason in lines[0] and "weights_only=False" not in lines[0]
 
 
+def test_a_truncated_safetensors_weights_file_is_refused_from_its_header(videos, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    whole = tmp_path / "whole.safetensors"
+    save_file({"visual.proj": torch.zeros(64, 64)}, str(whole))
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    args = ["extract", "--dataset", "folder", "--root", str(videos), "--weights", str(cut)]
+    assert cli.main(args + ["--out", str(tmp_path / "s.zarr")]) == 2
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and f"--weights {cut} refused: a truncated" in lines[0]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind, reason", [("garbage", "not a PyTorch file")])
 def test_bad_files_given_to_eval_official_are_refused_in_one_line(store, bad_files, kind, reason):
