@@ -253,8 +253,12 @@ def _native_stderr_discarded() -> Iterator[None]:
     span of one open or read is silenced; decoding runs in DataLoader workers or sequentially
     in the main thread, so no progress bar or message of ours is written meanwhile.
     """
-    sys.stderr.flush()
-    saved = os.dup(2)
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no stderr to protect (closed or replaced)
+        yield
+        return
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
         os.dup2(devnull, 2)
