@@ -52,8 +52,8 @@ def load_checkpoint(
     payload = load_torch_file(path, "checkpoint", map_location, mmap=mmap)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(
-            f"{path} is not an fsar head checkpoint (format {FORMAT}); for an official "
-            "CLIP-SPM / CLIP-FSAR checkpoint use eval.official"
+            f"{path} is not an fsar checkpoint (format {FORMAT}); an official CLIP-SPM / "
+            "CLIP-FSAR checkpoint is passed with --official (eval.official)"
         )
     return payload
 
