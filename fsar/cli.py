@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
+import yaml
+
 from fsar.config import ConfigError, config_dir, describe, load_config
 from fsar.errors import FsarError
+from fsar.failures import (
+    close_progress_bars,
+    describe_error,
+    error_line,
+    stdout_closed,
+    stdout_reader_gone,
+)
+from fsar.interrupts import RERUN_HINT, Interrupted
 
 # flag -> dotted config key, shared by the sub-commands that build a Config
 EXTRACT_FLAGS = {
@@ -319,15 +330,32 @@ def _grid_override(item: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Expected failures (a user's mistake or the environment: ``FsarError``,
+    ``OSError``, YAML syntax) print one line ``fsar <cmd>: error: ...`` and exit 2; anything else
+    is a bug and keeps its traceback. ``FSAR_DEBUG=1`` prints the traceback of everything."""
     args = build_parser().parse_args(argv)
+    debug = os.environ.get("FSAR_DEBUG", "") not in ("", "0")
     try:
-        return _dispatch(args)
-    except FsarError as err:
-        print(f"fsar {args.command}: error: {err}", file=sys.stderr)
-        return getattr(err, "exit_code", 2)
-    except (ConfigError, FileNotFoundError, KeyError, ValueError, RuntimeError) as err:
-        print(f"fsar {args.command}: error: {err}", file=sys.stderr)
+        code = _dispatch(args)
+        sys.stdout.flush()  # a closed pipe surfaces here, not at interpreter exit
+        return code
+    except BrokenPipeError as err:
+        if stdout_reader_gone():
+            return stdout_closed()
+        error_line(f"fsar {args.command}: error: {describe_error(err)}", debug)
         return 2
+    except Interrupted as err:  # a guarded loop stopped at a safe point
+        error_line(str(err), debug)
+        return err.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside a guarded loop
+        error_line(RERUN_HINT, debug)
+        return 130
+    except (FsarError, OSError, yaml.YAMLError) as err:
+        error_line(f"fsar {args.command}: error: {describe_error(err)}", debug)
+        return 2
+    except Exception:  # a bug: its traceback, starting on a line of its own
+        close_progress_bars()
+        raise
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -351,7 +379,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "train":
         return commands.train(config_from_args(args))
     if args.command == "eval":
-        return commands.evaluate(config_from_args(args), args.compare)
+        return commands.evaluate(config_from_args(args), args.compare, args.head)
     if args.command == "finetune":
         return commands.finetune(config_from_args(args))
     if args.command == "ablate":

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from fsar.config import Config, to_dict
+from fsar.config import Config, ConfigError, parse_yaml, to_dict
 
 
 def extract(config: Config) -> int:
@@ -127,10 +127,15 @@ def finetune(config: Config) -> int:
     return 0
 
 
-def evaluate(config: Config, compare_paths: list[str] | None) -> int:
+def evaluate(config: Config, compare_paths: list[str] | None, head: str | None = None) -> int:
+    """``head``: the --head flag, checked against each checkpoint's head."""
+    from fsar.pipelines.checkpoint import CheckpointError, check_requested_head
     from fsar.pipelines.evaluate import compare
     from fsar.pipelines.run_eval import format_result, run_evaluation
 
+    for path in compare_paths or [config.eval.checkpoint]:
+        if path:
+            check_requested_head(path, head)
     if not compare_paths:
         result, _ = run_evaluation(config)
         print(format_result(result))
@@ -140,7 +145,10 @@ def evaluate(config: Config, compare_paths: list[str] | None) -> int:
         print(format_result(result))
     (result_a, outcome_a), (result_b, outcome_b) = scored
     if result_a["episodes_sha256"] != result_b["episodes_sha256"]:
-        raise ValueError("the two checkpoints were scored on different episodes")
+        raise CheckpointError(
+            "the two checkpoints were scored on different episodes (their stores or "
+            "protocols differ): compare runs evaluated on the same store with the same settings"
+        )
     paired = compare(outcome_a, outcome_b)
     print(
         f"A - B = {paired.difference:+.2f} +- {paired.ci95:.2f} points (paired, "
@@ -164,8 +172,8 @@ def report(paths: list[Path], out: Path, runs: list[str], published: str | None)
     published_table = None
     if published:
         if not Path(published).is_file():
-            raise FileNotFoundError(f"--published {published}: no such file")
-        published_table = yaml.safe_load(Path(published).read_text())
+            raise ConfigError(f"--published {published}: no such file")
+        published_table = parse_yaml(Path(published).read_text(), f"--published {published}")
     path = write_report(paths, out, run_dirs=[Path(r) for r in runs], published=published_table)
     print(f"report -> {path}")
     return 0

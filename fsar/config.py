@@ -343,7 +343,7 @@ def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> Conf
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = parse_yaml(path.read_text(), str(path)) or {}
         if not isinstance(data, dict):
             raise ConfigError(
                 f"{path}: top level must be a mapping of sections, got {type(data).__name__}"
@@ -373,7 +373,27 @@ def parse_override(item: str) -> tuple[str, Any]:
             f"override {item!r} must look like key.sub=value (e.g. extract.views=[center,flip])"
         )
     key, raw = item.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+    if not raw.strip():
+        return key.strip(), None
+    return key.strip(), parse_yaml(raw, f"override {item!r}", column_offset=len(key) + 1)
+
+
+def parse_yaml(text: str, where: str, column_offset: int = 0) -> Any:
+    """``yaml.safe_load`` whose syntax errors become one ConfigError naming ``where``, the line
+    and the column (1-based, as editors count; ``column_offset`` shifts the first line's, e.g.
+    past ``key=`` in an override)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        at = ""
+        if mark is not None:
+            column = mark.column + 1 + (column_offset if mark.line == 0 else 0)
+            at = f" at line {mark.line + 1}, column {column}"
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        context = getattr(err, "context", None)
+        detail = f"{context}, {problem}" if context else problem
+        raise ConfigError(f"{where}: YAML syntax error{at}: {detail}") from err
 
 
 def _deep_merge(into: dict, new: dict) -> None:

@@ -11,3 +11,11 @@ from __future__ import annotations
 
 class FsarError(Exception):
     """An expected failure; ``str(err)`` names the problem and the fix in one line."""
+
+
+class StoreError(FsarError, ValueError):
+    """A path given as a feature store is not one, or cannot be read (damaged, truncated, newer)."""
+
+
+class DatasetError(FsarError, ValueError):
+    """A dataset folder or split list cannot be used as given; the message names the file."""

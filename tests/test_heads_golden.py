@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fsar.heads import CLIPFSARHead, CLIPSPMHead, episode_loss, load_official, official_key_map
+from fsar.torch_files import CheckpointError
 
 GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
 CLIPSPM = sorted(p.stem for p in GOLDEN.glob("clipspm_*.json"))
@@ -210,10 +211,10 @@ def test_load_official_reads_a_release_checkpoint_and_ignores_the_backbone(tmp_p
 
 def test_load_official_names_unknown_and_missing_keys():
     head, params = _spm_head_and_params()
-    with pytest.raises(KeyError, match="context3.weight"):
+    with pytest.raises(CheckpointError, match="context3.weight"):
         load_official(head, dict(params, **{"context3.weight": torch.zeros(1)}))
     partial = {k: v for k, v in params.items() if k != "gate_vision.2.bias"}
-    with pytest.raises(KeyError, match="fusion.vision_gate.fc2.bias"):
+    with pytest.raises(CheckpointError, match="fusion.vision_gate.fc2.bias"):
         load_official(head, partial)
     assert load_official(head, partial, strict=False) == ["fusion.vision_gate.fc2.bias"]
 
@@ -221,7 +222,7 @@ def test_load_official_names_unknown_and_missing_keys():
 def test_load_official_into_an_ablated_head_names_the_keys_it_cannot_hold():
     _, params = _spm_head_and_params()
     head = CLIPSPMHead(64, heads=8, dim_head=16, mlp_dim=128, prompt_hidden=128, padm=False)
-    with pytest.raises(KeyError, match="context1"):
+    with pytest.raises(CheckpointError, match="context1"):
         load_official(head, params)
 
 
@@ -230,7 +231,7 @@ def test_load_official_rejects_wrong_sizes():
     head = CLIPSPMHead(
         64, heads=8, dim_head=16, mlp_dim=256, prompt_hidden=128, motion_alpha_learnable=True
     )
-    with pytest.raises(ValueError, match="net.0.weight"):
+    with pytest.raises(CheckpointError, match="net.0.weight"):
         load_official(head, params)
 
 

@@ -30,6 +30,7 @@ from zarr.core.sync import sync as zarr_sync
 from zarr.storage import LocalStore
 
 from fsar.cache.layout import ArraySpec
+from fsar.errors import StoreError
 
 BACKENDS = ("zarr", "hdf5")
 Rows = slice | np.ndarray | None  # None = all rows; an array must be sorted and unique
@@ -285,11 +286,11 @@ def detect_backend(path: Path) -> str:
     if path.is_dir():
         if (path / "zarr.json").is_file():
             return "zarr"
-        raise ValueError(f"{path} is a directory but not a Zarr v3 store (no zarr.json)")
+        raise StoreError(f"{path} is a directory but not a Zarr v3 store (no zarr.json)")
     if path.is_file():
         if h5py.is_hdf5(path):
             return "hdf5"
-        raise ValueError(
+        raise StoreError(
             f"{path} is a file but not an HDF5 file; a feature store is a Zarr "
             f"directory or an .h5/.hdf5 file"
         )
@@ -299,7 +300,16 @@ def detect_backend(path: Path) -> str:
 def open_backend(path: Path, writable: bool) -> ArrayBackend:
     """Open an existing store, detecting its format."""
     kind = detect_backend(path)
-    return (ZarrBackend if kind == "zarr" else Hdf5Backend).open(path, writable)
+    try:
+        return (ZarrBackend if kind == "zarr" else Hdf5Backend).open(path, writable)
+    except OSError as err:
+        if err.filename is not None:  # the message already names the path
+            raise
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise StoreError(
+            f"{path}: cannot open this {kind} store ({reason}); it is damaged or truncated: "
+            "copy it again or re-extract it"
+        ) from err
 
 
 def staging_path(path: Path) -> Path:

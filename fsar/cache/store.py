@@ -57,7 +57,7 @@ from fsar.cache.layout import (
     layout_differences,
     merge_blocks,
 )
-from fsar.errors import FsarError
+from fsar.errors import FsarError, StoreError
 
 MODES = ("r", "r+")  # read only / read and write an existing store
 READ_BYTES = 64 * 2**20  # verify and export read about this many bytes (as float32) per step
@@ -75,13 +75,13 @@ class FeatureStore:
         attrs = arrays.attrs()
         if "fingerprint" not in attrs or "fsar_schema_version" not in attrs:
             arrays.close()
-            raise ValueError(
+            raise StoreError(
                 f"{arrays.path} is a {arrays.kind} file but not an fsar feature "
                 f"store (no 'fingerprint' / 'fsar_schema_version' attribute)"
             )
         if attrs["fsar_schema_version"] != SCHEMA_VERSION:
             arrays.close()
-            raise ValueError(
+            raise StoreError(
                 f"{arrays.path} has store schema version "
                 f"{attrs['fsar_schema_version']}; this fsar reads version "
                 f"{SCHEMA_VERSION}"

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from fsar.data.split_registry import default_splits_dir, identify_variant
 from fsar.data.splits import SPLITS, SplitEntry, SplitSet, class_order, parse_split_dir
+from fsar.errors import DatasetError
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv")
 FOLDER_DATASETS = ("folder", "demo")
@@ -88,15 +89,15 @@ def load_dataset(
     """
     bad = [s for s in splits if s not in SPLITS]
     if bad:
-        raise ValueError(f"unknown split(s) {bad}; valid: {', '.join(SPLITS)}")
+        raise DatasetError(f"unknown split(s) {bad}; valid: {', '.join(SPLITS)}")
     if name in FOLDER_DATASETS:
         return load_folder_dataset(root, name=name, splits=splits)
     if name not in BENCHMARKS:
-        raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
+        raise DatasetError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
     benchmark = BENCHMARKS[name]
     variant = variant or benchmark.variants[0]
     if variant not in benchmark.variants:
-        raise ValueError(
+        raise DatasetError(
             f"split variant {variant!r} is not one of {name}'s: {', '.join(benchmark.variants)}"
         )
     root = Path(root)
@@ -269,7 +270,7 @@ def _scan_folder(root: Path) -> dict[str, Path]:
     videos: dict[str, Path] = {}
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
-        raise ValueError(
+        raise DatasetError(
             f"{root} holds no class folders: expected {root}/<class>/<video>.<ext> "
             f"({', '.join(VIDEO_EXTENSIONS)}) or {root}/<class>/<video>/ JPEG frame folders"
         )
@@ -280,11 +281,11 @@ def _scan_folder(root: Path) -> dict[str, Path]:
                 continue
             video_id = f"{class_dir.name}/{path.stem if path.is_file() else path.name}"
             if video_id in videos:
-                raise ValueError(f"{video_id} is ambiguous: both {videos[video_id]} and {path}")
+                raise DatasetError(f"{video_id} is ambiguous: both {videos[video_id]} and {path}")
             videos[video_id] = path
             count += 1
         if count == 0:
-            raise ValueError(
+            raise DatasetError(
                 f"class folder {class_dir} holds no videos ({', '.join(VIDEO_EXTENSIONS)}) "
                 "or JPEG frame folders"
             )
@@ -325,5 +326,5 @@ def _read_folder_lists(
                     notes.append(f"{here}: {video_id} is listed but not under {path.parent}")
     if errors:
         more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
-        raise ValueError("problems in the split lists:\n  " + "\n  ".join(errors[:10]) + more)
+        raise DatasetError("problems in the split lists:\n  " + "\n  ".join(errors[:10]) + more)
     return assigned

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fsar.config import ConfigError
 from fsar.data.release_frames import RULES as RELEASE_RULES
 from fsar.data.release_frames import (
     ReleaseFrameError,
@@ -52,7 +53,7 @@ class FramePolicy:
 
     def __post_init__(self) -> None:
         if self.kind not in POLICY_KINDS:
-            raise ValueError(f"unknown frame policy {self.kind!r}; valid: {_VALID_FORMS}")
+            raise ConfigError(f"unknown frame policy {self.kind!r}; valid: {_VALID_FORMS}")
         if self.count < 1 or self.min_frames < 1:
             raise ValueError(
                 f"frame policy {self.kind}: count={self.count} and min_frames={self.min_frames} "
@@ -83,10 +84,10 @@ def parse_frame_policy(
     kind, _, number = str(spec).strip().partition(":")
     defaults = {"reference_test": seq_len, "all": t_cap, "dense": t_cap}
     if kind not in POLICY_KINDS or (kind == "uniform" and not number):
-        raise ValueError(f"bad frame policy {spec!r}; valid forms: {_VALID_FORMS}")
+        raise ConfigError(f"bad frame policy {spec!r}; valid forms: {_VALID_FORMS}")
     if number:
         if not number.isdigit() or int(number) < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"bad frame count {number!r} in frame policy {spec!r}; expected a positive "
                 f"integer; valid forms: {_VALID_FORMS}"
             )

@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from fsar.data.splits import SPLITS, parse_split_dir
-from fsar.errors import FsarError
+from fsar.errors import DatasetError, FsarError
 
 REGISTRY_FILE = Path(__file__).with_name("splits_registry.yaml")
 _FILE_KEYS = {"name", "url", "sha256", "required", "note"}
@@ -99,7 +99,7 @@ def resolve_variant(name: str) -> SplitVariant:
         return registry[name]
     if name in BENCHMARKS:
         return registry[BENCHMARKS[name].variants[0]]
-    raise ValueError(
+    raise DatasetError(
         f"unknown split variant or benchmark {name!r}; variants: {', '.join(sorted(registry))}; "
         f"benchmarks: {', '.join(BENCHMARKS)}"
     )
@@ -276,7 +276,7 @@ def format_verify_report(report: VerifyReport, max_missing: int = 20) -> str:
 def _check_keys(entry: dict, allowed: set[str], where: str) -> None:
     unknown = sorted(set(entry) - allowed)
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; valid: {sorted(allowed)}")
+        raise DatasetError(f"{where}: unknown key(s) {unknown}; valid: {sorted(allowed)}")
 
 
 def _source(variant: str, file: RegistryFile, mirror: str | None) -> str | Path | None:

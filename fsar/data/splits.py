@@ -33,6 +33,8 @@ from pathlib import Path
 
 import yaml
 
+from fsar.errors import DatasetError
+
 SPLITS = ("train", "val", "test")
 CLASS_NAMES_FILE = Path(__file__).with_name("class_names.yaml")
 _SSV2_KEY = re.compile(r"^(train|val|test)(\d+)$")
@@ -92,7 +94,7 @@ def parse_split_dir(directory: Path, variant: str | None = None) -> SplitSet:
     spm_files = {s: _spm_list(directory, s) for s in SPLITS}
     spm_files = {s: p for s, p in spm_files.items() if p is not None}
     if fsar_files and spm_files:
-        raise ValueError(
+        raise DatasetError(
             f"{directory} mixes two list formats ({', '.join(p.name for p in fsar_files.values())}"
             f" and {', '.join(p.name for p in spm_files.values())}); keep one per folder"
         )
@@ -120,7 +122,7 @@ def parse_clipspm_list(path: Path, split: str) -> SplitList:
     for number, line in lines:
         parts = line.split("/")
         if len(parts) != 2 or not all(parts):
-            raise ValueError(f"{path}:{number}: expected '<class>/<video>', got {line!r}")
+            raise DatasetError(f"{path}:{number}: expected '<class>/<video>', got {line!r}")
         pairs.append((parts[0], parts[1]))
     ssv2 = bool(pairs) and all(_is_ssv2_pair(key, vid, split) for key, vid in pairs)
     entries = [SplitEntry(key, vid if ssv2 else f"{key}/{vid}") for key, vid in pairs]
@@ -136,16 +138,16 @@ def parse_clipfsar_list(path: Path, split: str) -> SplitList:
             label, rel_path = line.split("//", 1)
             parts = rel_path.split("/")
             if len(parts) < 2 or not all(parts):
-                raise ValueError(f"{path}:{number}: expected '<label>//<dir>/<class>/<file>'")
+                raise DatasetError(f"{path}:{number}: expected '<label>//<dir>/<class>/<file>'")
             class_key, stem = parts[-2], parts[-1].rsplit(".", 1)[0]
             entry = SplitEntry(class_key, f"{class_key}/{stem}", rel_path)
         else:
             label, _, video = line.partition("/")
             if not video or "/" in video:
-                raise ValueError(f"{path}:{number}: expected '<label>/<video id>', got {line!r}")
+                raise DatasetError(f"{path}:{number}: expected '<label>/<video id>', got {line!r}")
             entry = SplitEntry(label, video)
         if not re.fullmatch(rf"{split}\d+", label):
-            raise ValueError(f"{path}:{number}: label {label!r} is not '{split}<class index>'")
+            raise DatasetError(f"{path}:{number}: label {label!r} is not '{split}<class index>'")
         previous = label_to_key.setdefault(label, entry.class_key)
         if previous != entry.class_key:
             anomalies.append(
@@ -187,7 +189,7 @@ def _spm_list(directory: Path, split: str) -> Path | None:
     found = sorted(directory.glob(f"{split}list[0-9][0-9].txt"))
     if len(found) > 1:
         names = ", ".join(p.name for p in found)
-        raise ValueError(f"{directory} holds several {split} lists ({names}); keep one")
+        raise DatasetError(f"{directory} holds several {split} lists ({names}); keep one")
     return found[0] if found else None
 
 

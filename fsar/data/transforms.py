@@ -35,6 +35,8 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
+from fsar.config import ConfigError
+
 # open_clip's OPENAI_DATASET_MEAN / OPENAI_DATASET_STD
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -119,12 +121,12 @@ def parse_views(spec: str | Sequence[str]) -> tuple[str, ...]:
     names = [str(name).strip() for name in names if str(name).strip()]
     for name in names:
         if name not in ("center", "flip") and not _CROP_VIEW.fullmatch(name):
-            raise ValueError(f"unknown view {name!r}; valid: {_VIEW_FORMS}")
+            raise ConfigError(f"unknown view {name!r}; valid: {_VIEW_FORMS}")
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
-        raise ValueError(f"views listed twice: {duplicates}; valid: {_VIEW_FORMS}")
+        raise ConfigError(f"views listed twice: {duplicates}; valid: {_VIEW_FORMS}")
     if "center" not in names:
-        raise ValueError(f"views {names} lack 'center' (the test view); valid: {_VIEW_FORMS}")
+        raise ConfigError(f"views {names} lack 'center' (the test view); valid: {_VIEW_FORMS}")
     return ("center", *[name for name in names if name != "center"])
 
 

@@ -8,15 +8,18 @@ extraction runner records that text for the failed video and moves on.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from fsar.config import ConfigError
 from fsar.errors import FsarError
 
 BACKENDS = ("auto", "decord", "pyav")
@@ -58,7 +61,7 @@ def open_source(
     Raises DecodeError for a missing or empty file, an undecodable video or an empty folder.
     """
     if backend not in BACKENDS:
-        raise ValueError(f"unknown video backend {backend!r}; valid: {', '.join(BACKENDS)}")
+        raise ConfigError(f"unknown video backend {backend!r}; valid: {', '.join(BACKENDS)}")
     path = Path(path)
     if path.is_dir():
         return JpegFolderSource(path, listing)
@@ -159,8 +162,12 @@ class DecordSource:
             import decord
         except ImportError as e:
             raise DecodeError(f"cannot decode {self.path}: decord is not installed") from e
+        # Its bundled FFmpeg's log off: a damaged file is reported once, by the DecodeError text
+        # stored with the video, not by library lines on the terminal.
+        decord.logging.set_level(decord.logging.QUIET)
         try:
-            self._reader = decord.VideoReader(str(self.path), num_threads=threads)
+            with _native_stderr_discarded():
+                self._reader = decord.VideoReader(str(self.path), num_threads=threads)
             self.num_frames = len(self._reader)
             self.fps = float(self._reader.get_avg_fps())  # CLIP-FSAR's Kinetics-100 clip uses it
         except Exception as e:  # decord raises its own DECORDError and RuntimeError
@@ -172,7 +179,8 @@ class DecordSource:
         indices = _check_indices(indices, self.num_frames, self.path)
         unique = sorted(set(indices))
         try:
-            batch = self._reader.get_batch(unique).asnumpy()  # [U, H, W, 3] uint8
+            with _native_stderr_discarded():
+                batch = self._reader.get_batch(unique).asnumpy()  # [U, H, W, 3] uint8
         except Exception as e:
             raise DecodeError(f"cannot decode {self.path}: {_first_line(e)}") from e
         position = {frame: row for row, frame in enumerate(unique)}
@@ -259,6 +267,31 @@ class _FallbackSource:
                 return fallback.read(clamped)
             except DecodeError as pyav_error:
                 raise DecodeError(f"{pyav_error} (decord: {decord_error})") from pyav_error
+
+
+@contextlib.contextmanager
+def _native_stderr_discarded() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null for a native call that logs on its own.
+
+    decord's C++ core prints ``video_reader.cc: ERROR opening ...`` straight to the process's
+    stderr (no switch turns it off) and then raises with the same reason, which we keep. Only the
+    span of one open or read is silenced; decoding runs in DataLoader workers or sequentially
+    in the main thread, so no progress bar or message of ours is written meanwhile.
+    """
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no stderr to protect (closed or replaced)
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def _stack(frames: list[np.ndarray]) -> np.ndarray:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 
 from fsar.errors import FsarError
 from fsar.extract.layers import LayerTaps
+from fsar.torch_files import check_weights_file, first_sentence, load_torch_file, refusal_reason
 
 TINY_MODELS = ("fsar-tiny-vit", "fsar-tiny-rn")
 _CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
@@ -117,6 +119,8 @@ def build_encoder(spec: EncoderSpec, device: str | torch.device = "cpu", layers=
     elif quick_gelu is None:
         quick_gelu = spec.pretrained == "openai" or bool(spec.checkpoint)
     pretrained = spec.pretrained or spec.weights
+    if spec.weights:
+        check_weights_file(spec.weights, "--weights")
     torch.manual_seed(RANDOM_INIT_SEED)
     try:
         previous = logging.getLogger().level
@@ -124,12 +128,8 @@ def build_encoder(spec: EncoderSpec, device: str | torch.device = "cpu", layers=
         model = open_clip.create_model(
             spec.model, pretrained=pretrained, force_quick_gelu=quick_gelu, weights_only=True
         )
-    except RuntimeError as err:
-        source = f"tag {spec.pretrained!r}" if spec.pretrained else f"file {spec.weights}"
-        raise EncoderError(
-            f"could not load {spec.model} weights from {source}: {err}. Offline machines: copy "
-            f"the weights file here and pass --weights FILE instead of --pretrained."
-        ) from err
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as err:  # what torch.load raises
+        raise EncoderError(_weights_failure(spec, err)) from err
     finally:
         logging.getLogger().setLevel(previous)
     if spec.checkpoint:
@@ -152,6 +152,25 @@ def build_encoder(spec: EncoderSpec, device: str | torch.device = "cpu", layers=
     )
 
 
+def _weights_failure(spec: EncoderSpec, err: BaseException) -> str:
+    """One line saying why the weights of ``spec`` could not be loaded."""
+    text = str(err)
+    if spec.weights and "Error(s) in loading state_dict" in text:
+        detail = text.split("\n\t")[1] if "\n\t" in text else text
+        return (
+            f"--weights {spec.weights} refused: its keys or shapes do not fit {spec.model} "
+            f"({first_sentence(detail, 200)}); pass the weights of this model or the --model "
+            "they belong to"
+        )
+    if spec.weights:
+        return f"--weights {spec.weights} refused: {refusal_reason(spec.weights, err)}"
+    return (
+        f"could not load {spec.model} weights from tag {spec.pretrained!r}: "
+        f"{first_sentence(text, 300)}. Offline machines: copy the weights file here and pass "
+        "--weights FILE instead of --pretrained."
+    )
+
+
 # The format tag of fsar checkpoints (fsar.pipelines.checkpoint.FORMAT); fine-tuning ones carry
 # the visual encoder under "visual" and how it was built under "encoder".
 FSAR_CHECKPOINT_FORMAT = "fsar-heads/1"
@@ -160,10 +179,7 @@ FSAR_CHECKPOINT_FORMAT = "fsar-heads/1"
 def fine_tuned_encoder(path: str | Path) -> dict | None:
     """The ``encoder`` record of an fsar fine-tuning checkpoint (model, base weights, quick_gelu),
     or None for any other checkpoint."""
-    try:  # mmap: only the small record is read from a large checkpoint
-        raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # files from torch < 1.6 (no zip format) cannot be mapped
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+    raw = load_torch_file(path, "--checkpoint", mmap=True)  # only a small record is needed
     if isinstance(raw, dict) and raw.get("format") == FSAR_CHECKPOINT_FORMAT:
         if "visual" not in raw:
             raise EncoderError(
@@ -199,14 +215,16 @@ def visual_state_from_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     checkpoints hold the encoder's state dict under ``visual``. Read with ``weights_only=True``:
     never unpickle code.
     """
-    raw = torch.load(path, map_location="cpu", weights_only=True)
+    raw = load_torch_file(path, "--checkpoint")
     if isinstance(raw, dict) and raw.get("format") == FSAR_CHECKPOINT_FORMAT and "visual" in raw:
         return dict(raw["visual"])
     state = (
         raw.get("model_state_dict", raw.get("state_dict", raw)) if isinstance(raw, dict) else None
     )
     if not isinstance(state, dict):
-        raise EncoderError(f"{path}: not a state-dict checkpoint (got {type(raw).__name__})")
+        raise EncoderError(
+            f"--checkpoint {path} refused: it holds a {type(raw).__name__}, not a state dict"
+        )
     visual = {}
     for key, value in state.items():
         for prefix in ("backbone.module.", "backbone.", "visual."):
@@ -214,10 +232,11 @@ def visual_state_from_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
                 visual[key[len(prefix) :]] = value
                 break
     if not visual:
-        sample = list(state)[:5]
+        sample = [str(key) for key in list(state)[:5]]
         raise EncoderError(
-            f"{path}: no backbone.* or visual.* keys, so no visual encoder to load "
-            f"(first keys: {sample})"
+            f"--checkpoint {path} refused: no backbone.* or visual.* keys, so no visual encoder "
+            f"to load (first keys: {sample}); pass a CLIP-SPM / CLIP-FSAR release checkpoint or "
+            "a `fsar finetune` best.pt / last.pt"
         )
     return visual
 

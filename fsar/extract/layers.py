@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from fsar.config import ConfigError
+
 
 def available_layers(visual: nn.Module) -> list[str]:
     if hasattr(visual, "transformer") and hasattr(visual.transformer, "resblocks"):
@@ -44,7 +46,7 @@ class LayerTaps:
         valid = available_layers(visual)
         unknown = [n for n in names if n not in valid]
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown layer(s) {unknown} for this model; valid: {', '.join(valid)}"
             )
         self.names = tuple(names)

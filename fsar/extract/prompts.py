@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
+from fsar.config import ConfigError
+
 # The 16-template ensemble of the CLIP-SPM release (its text features are the mean of
 # encode_text over these templates).
 CLIPSPM_TEMPLATES = (
@@ -38,7 +40,7 @@ def resolve_templates(spec: str) -> tuple[str, ...]:
         return SINGLE_TEMPLATE
     if "{}" in spec:
         return (spec,)
-    raise ValueError(
+    raise ConfigError(
         f"extract.prompts={spec!r}: use clipspm16, single, or a template containing {{}} "
         f"(e.g. 'a video of {{}}')"
     )

@@ -28,6 +28,7 @@ from fsar.data.datasets import load_dataset
 from fsar.data.frames import parse_frame_policy
 from fsar.data.transforms import parse_views
 from fsar.devices import resolve_device
+from fsar.errors import FsarError
 from fsar.extract.decode import BlockDataset, DecodeDataset, VideoJob, collate_single
 from fsar.extract.distributed import DistContext, barrier, init_distributed
 from fsar.extract.encoders import Encoder, EncoderSpec, build_encoder
@@ -262,6 +263,8 @@ class BlockWriter:
             self._raise_if_failed()
 
     def _raise_if_failed(self) -> None:
+        if isinstance(self.error, (OSError, FsarError)):  # a full or read-only disk: no bug
+            raise self.error
         if self.error is not None:
             raise RuntimeError(f"writing a block of {self.store.path} failed") from self.error
 

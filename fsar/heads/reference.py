@@ -3,7 +3,8 @@
 `load_official(head, state_dict_or_path)` copies an official state dict (or a release checkpoint
 `{'model_state_dict': ...}` saved with torch) into a head; `to_official(head)` gives the state dict
 under the official names. Keys starting with `backbone.` are ignored; any other key the head does
-not know, and any head parameter the state dict lacks, is an error that names the keys.
+not know, and any head parameter the state dict lacks, is a `CheckpointError` that names the keys
+(and the `--head` to pass when the file holds the other release's head).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
+
+from fsar.torch_files import CheckpointError, load_torch_file
 
 from .clipfsar import CLIPFSARHead
 from .clipspm import CLIPSPMHead
@@ -59,9 +62,9 @@ def _head_type(head: nn.Module) -> type:
     for cls in _PREFIXES:
         if isinstance(head, cls):
             return cls
-    raise TypeError(
-        f"no official key mapping for {type(head).__name__}; "
-        f"known: {[c.__name__ for c in _PREFIXES]}"
+    raise CheckpointError(
+        f"official checkpoints hold CLIP-SPM or CLIP-FSAR heads, not {type(head).__name__}: "
+        "pass --head clipspm or --head clipfsar"
     )
 
 
@@ -100,13 +103,57 @@ def to_official(head: nn.Module) -> dict[str, Tensor]:
 
 def _read_state_dict(source: Mapping[str, Tensor] | str | os.PathLike) -> Mapping[str, Tensor]:
     if isinstance(source, (str, os.PathLike)):
-        loaded = torch.load(source, map_location="cpu", weights_only=True)
+        loaded = load_torch_file(source, "official checkpoint")
+        if isinstance(loaded, Mapping) and str(loaded.get("format", "")).startswith("fsar-"):
+            raise CheckpointError(
+                f"{os.fspath(source)} is an fsar checkpoint, not an official release one: pass it "
+                "with --checkpoint"
+            )
         if isinstance(loaded, Mapping) and "model_state_dict" in loaded:
             loaded = loaded["model_state_dict"]
-        if not isinstance(loaded, Mapping):
-            raise ValueError(f"{os.fspath(source)} holds no state dict")
+        if not isinstance(loaded, Mapping) or not all(
+            isinstance(value, Tensor) for value in loaded.values()
+        ):
+            raise CheckpointError(
+                f"official checkpoint {os.fspath(source)} refused: it holds no state dict "
+                "(a mapping of parameter names to tensors, or {'model_state_dict': ...})"
+            )
         return loaded
     return source
+
+
+# Keys only one release's head has: they tell which head a state dict was saved from.
+_RELEASE_MARKERS = {
+    CLIPSPMHead: (
+        "context1.",
+        "gate_text.",
+        "gate_vision.",
+        "token_tr.",
+        "motion_conv",
+        "mo_alpha",
+    ),
+    CLIPFSARHead: ("context2.",),
+}
+_HEAD_FLAG = {CLIPSPMHead: "clipspm", CLIPFSARHead: "clipfsar"}
+
+
+def _release_head(keys: list[str]) -> type | None:
+    """The head class a release state dict belongs to (CLIP-SPM markers win: it also has
+    ``context2.``), or None when neither is recognised."""
+    for cls, markers in _RELEASE_MARKERS.items():
+        if any(key.startswith(markers) for key in keys):
+            return cls
+    return None
+
+
+def _wrong_head(cls: type, keys: list[str], where: str) -> CheckpointError | None:
+    saved = _release_head(keys)
+    if saved is None or saved is cls:
+        return None
+    return CheckpointError(
+        f"{where} holds a {saved.__name__.removesuffix('Head')} head but a "
+        f"{cls.__name__.removesuffix('Head')} head was requested: pass --head {_HEAD_FLAG[saved]}"
+    )
 
 
 def load_official(
@@ -119,28 +166,59 @@ def load_official(
     parameters that the state dict lacks (e.g. fsar-only parts such as an HSMR shallow projection).
     """
     cls = _head_type(head)
+    where = (
+        f"official checkpoint {os.fspath(source)}"
+        if isinstance(source, (str, os.PathLike))
+        else "the official state dict"
+    )
     state_dict = _read_state_dict(source)
     key_map = official_key_map(head)
     relevant = {k: v for k, v in state_dict.items() if not k.startswith(IGNORED_PREFIXES)}
+    wrong_head = _wrong_head(cls, sorted(relevant), where)
+    if wrong_head is not None:
+        raise wrong_head
     unknown = sorted(k for k in relevant if k not in key_map and k not in _UNUSED[cls])
     if unknown:
-        raise KeyError(
-            f"official keys unknown to this {cls.__name__} (built with these switches): {unknown}"
+        raise CheckpointError(
+            f"{where}: keys unknown to this {cls.__name__} (built with these switches): "
+            f"{_few(unknown)}; build the head with the release's switches (--config)"
         )
     target = head.state_dict()
     missing = sorted(ours for official, ours in key_map.items() if official not in relevant)
     missing += sorted(k for k in target if k not in key_map.values())
     if missing and strict:
-        raise KeyError(f"{cls.__name__} parameters missing from the official state dict: {missing}")
+        raise CheckpointError(
+            f"{where}: {cls.__name__} parameters missing from it: {_few(missing)}"
+        )
     with torch.no_grad():
         for official, ours in key_map.items():
             if official not in relevant:
                 continue
             value = relevant[official]
             if value.shape != target[ours].shape:
-                raise ValueError(
-                    f"official {official} has shape {list(value.shape)} but {ours} needs "
-                    f"{list(target[ours].shape)} (check dim/heads/dim_head/mlp sizes)"
+                raise CheckpointError(
+                    f"{where}: {official} has shape {list(value.shape)} but {ours} needs "
+                    f"{list(target[ours].shape)}: {_width_hint(cls, relevant, target)}"
                 )
             target[ours].copy_(value.to(target[ours].dtype))
     return missing
+
+
+def _width_hint(cls: type, official: Mapping[str, Tensor], target: Mapping[str, Tensor]) -> str:
+    """Name the feature widths when they differ (the store's encoder is not the checkpoint's)."""
+    prefix = _PREFIXES[cls][0]
+    norm_official = prefix[0] + "layers.0.0.norm.weight"
+    norm_ours = prefix[1] + "norm.weight"
+    if norm_official in official and norm_ours in target:
+        saved, here = official[norm_official].shape[0], target[norm_ours].shape[0]
+        if saved != here:
+            return (
+                f"the checkpoint's head takes D={saved} features but this store's are D={here}: "
+                "evaluate on a store extracted with the checkpoint's backbone (--store)"
+            )
+    return "set the release's head sizes (head.heads / head.dim_head / head.mlp_dim) via --config"
+
+
+def _few(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")

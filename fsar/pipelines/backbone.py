@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from fsar.config import ConfigError
 from fsar.data.transforms import to_model_input
 from fsar.extract.layers import LayerTaps
 from fsar.heads import FewShotHead, HeadOutput
@@ -39,7 +40,7 @@ def freeze_first_blocks(visual: nn.Module, count: int) -> list[str]:
     """
     blocks = encoder_blocks(visual)
     if count > len(blocks):
-        raise ValueError(
+        raise ConfigError(
             f"finetune.freeze_blocks={count} but the encoder has {len(blocks)} blocks: "
             f"use 0..{len(blocks)}"
         )

@@ -14,16 +14,12 @@ from typing import Any
 
 import torch
 
-from fsar.errors import FsarError
+from fsar.torch_files import CheckpointError, load_torch_file
 
 FORMAT = "fsar-heads/1"
 # Recipe keys that must agree between the store a head was trained on and one it is evaluated
 # on: the same encoder and the same pixels in (the dataset and split may differ).
 ENCODER_KEYS = ("model", "weights", "quick_gelu", "image_size", "resize", "crop", "normalize")
-
-
-class CheckpointError(FsarError, ValueError):
-    """A checkpoint is missing, unreadable or does not fit the store it is used with."""
 
 
 class CheckpointWriteError(CheckpointError):
@@ -102,20 +98,34 @@ def clean_partial_writes(folder: Path) -> list[Path]:
     return removed
 
 
-def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(
+    path: Path | str, map_location: str | torch.device = "cpu", mmap: bool = False
+) -> dict[str, Any]:
+    """An fsar head checkpoint, read with ``weights_only=True``; anything else is refused with
+    the reason in one line. ``mmap``: map instead of read (to look at a few fields only)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # truncated file, foreign pickle with code, ...
-        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
+    payload = load_torch_file(path, "checkpoint", map_location, mmap=mmap)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(
-            f"{path} is not an fsar head checkpoint (format {FORMAT}); for an official "
-            "CLIP-SPM / CLIP-FSAR checkpoint use eval.official"
+            f"{path} is not an fsar checkpoint (format {FORMAT}); an official CLIP-SPM / "
+            "CLIP-FSAR checkpoint is passed with --official (eval.official)"
         )
     return payload
+
+
+def check_requested_head(path: Path | str, head: str | None) -> None:
+    """The checkpoint decides the head it is scored with; an explicit ``--head`` naming another
+    head is refused (naming both) rather than silently ignored."""
+    if head is None:
+        return
+    payload = load_checkpoint(path, mmap=True)
+    saved = payload["config"]["head"]["name"]
+    if saved != head:
+        raise CheckpointError(
+            f"{path} holds a {saved} head (trained on D={payload['feature_dim']} features), but "
+            f"--head {head} was requested: pass --head {saved}, or leave --head out (the "
+            "checkpoint decides it)"
+        )
 
 
 def encoder_recipe(recipe: dict[str, Any]) -> dict[str, Any]:

@@ -59,7 +59,7 @@ def video_split(dataset: DatasetIndex, split: str) -> VideoSplit:
     items = [item for item in dataset.items if item.split == split]
     present = [item for item in items if item.path is not None]
     if not present:
-        raise ValueError(
+        raise ClipError(
             f"the {split!r} split of {dataset.name} has no local videos ({len(items)} listed): "
             "check --root (or dataset.root)"
         )

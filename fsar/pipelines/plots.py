@@ -52,20 +52,28 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def plot_learning_curves(run_dirs: Iterable[str | Path], path: str | Path) -> Path:
+    """Write ``learning_curves_figure(run_dirs)`` as a PNG."""
+    return _save(learning_curves_figure(run_dirs), path)
+
+
+def learning_curves_figure(run_dirs: Iterable[str | Path]):
     """Training loss and selection accuracy (with its 95% interval as a band) vs. step.
 
-    One line per run directory (labelled by its name); when a run logged both val and test
-    selection records, each split gets its own line.
+    One colour per run directory (labelled by its name, e.g. one run per head), the same in both
+    panels even when a run has no loss (parameter-free heads are only scored); when a run logged
+    both val and test selection records, the test line is dashed.
     """
     runs = [Path(r) for r in run_dirs]
     if not runs:
         raise PlotError("plot_learning_curves needs at least one run directory")
     fig, (ax_loss, ax_acc) = _figure(1, 2, width=11.0, height=4.0)
-    for run in runs:
+    for number, run in enumerate(runs):
+        colour = _colour(number)
         records = read_metrics(run)
         train = sorted((r for r in records if r.get("kind") == "train"), key=lambda r: r["step"])
         if train:
-            ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label=run.name)
+            steps, losses = [r["step"] for r in train], [r["loss"] for r in train]
+            ax_loss.plot(steps, losses, color=colour, label=run.name)
         evals = [r for r in records if r.get("kind") == "val"]
         for split in sorted({r.get("split", "val") for r in evals}):
             rows = sorted((r for r in evals if r.get("split", "val") == split), key=_step)
@@ -73,15 +81,24 @@ def plot_learning_curves(run_dirs: Iterable[str | Path], path: str | Path) -> Pa
             acc = np.array([r["accuracy"] for r in rows], dtype=float)
             ci = np.array([r.get("ci95", 0.0) for r in rows], dtype=float)
             label = run.name if split == "val" else f"{run.name} ({split})"
-            (line,) = ax_acc.plot(steps, acc, marker="o", markersize=3, label=label)
-            ax_acc.fill_between(steps, acc - ci, acc + ci, color=line.get_color(), alpha=0.2)
+            style = "-" if split == "val" else "--"
+            ax_acc.plot(steps, acc, style, color=colour, marker="o", markersize=3, label=label)
+            ax_acc.fill_between(steps, acc - ci, acc + ci, color=colour, alpha=0.2)
     ax_loss.set(xlabel="step", ylabel="training loss", title="loss")
     ax_acc.set(xlabel="step", ylabel="accuracy (%)", title="selection accuracy, 95% band")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="small")
-    return _save(fig, path)
+    return fig
+
+
+def _colour(number: int) -> str:
+    """The ``number``-th colour of matplotlib's default cycle (tab10), wrapping around."""
+    import matplotlib
+
+    cycle = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+    return cycle[number % len(cycle)]
 
 
 def plot_accuracy_vs_shot(results: Sequence[dict[str, Any]], path: str | Path) -> Path:
@@ -119,8 +136,25 @@ def plot_accuracy_vs_shot(results: Sequence[dict[str, Any]], path: str | Path) -
     return _save(fig, path)
 
 
-def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: str | Path) -> Path:
-    """Heatmap of a row-normalised confusion matrix.
+def plot_confusion(
+    matrix: np.ndarray, class_names: Sequence[str], path: str | Path, title: str = "confusion"
+) -> Path:
+    """Write ``confusion_figure(matrix, class_names, title)`` as a PNG."""
+    return _save(confusion_figure(matrix, class_names, title), path)
+
+
+def confusion_title(result: dict[str, Any]) -> str:
+    """What a confusion plot of an ``fsar eval`` result shows: head, run label, data, episodes."""
+    head = result.get("head") or result["label"]
+    label = f" ({result['label']})" if result.get("label") not in (None, head) else ""
+    return (
+        f"{head}{label}: {result['dataset']} {result['split']}, "
+        f"{result['way']}-way {result['shot']}-shot"
+    )
+
+
+def confusion_figure(matrix: np.ndarray, class_names: Sequence[str], title: str = "confusion"):
+    """Heatmap of a row-normalised confusion matrix, titled ``title`` (see ``confusion_title``).
 
     ``matrix`` is [C, C] counts, rows = true class, columns = predicted class; a row with no
     queries stays all zero rather than dividing by zero.
@@ -142,8 +176,8 @@ def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: str | P
         ticks = np.arange(len(class_names))
         ax.set_xticks(ticks, labels=list(class_names), rotation=90, fontsize="x-small")
         ax.set_yticks(ticks, labels=list(class_names), fontsize="x-small")
-    ax.set(xlabel="predicted", ylabel="true", title="confusion (row-normalised)")
-    return _save(fig, path)
+    ax.set(xlabel="predicted", ylabel="true", title=f"{title}\n(row-normalised)")
+    return fig
 
 
 def _step(record: dict[str, Any]) -> int:

@@ -19,6 +19,7 @@ import numpy as np
 
 from fsar.errors import FsarError
 from fsar.pipelines.plots import (
+    confusion_title,
     dataset_sort_key,
     plot_accuracy_vs_shot,
     plot_confusion,
@@ -162,8 +163,8 @@ def write_report(
             continue
         matrix, classes = read_confusion_csv(table)
         name = f"confusion_{index:02d}_{_slug(r['label'])}_{r['dataset']}_{r['shot']}shot.png"
-        plot_confusion(matrix, classes, out / name)
-        plots.append((f"confusion: {r['label']}, {r['dataset']} {r['shot']}-shot", out / name))
+        plot_confusion(matrix, classes, out / name, title=confusion_title(r))
+        plots.append((f"confusion: {confusion_title(r)}", out / name))
     text = ["# fsar report", "", f"{len(results)} evaluation results.", "", "## Results", ""]
     text += [results_table(results, published), "## Plots", ""]
     text += [f"- [{title}]({p.name})\n\n  ![{title}]({p.name})" for title, p in plots]
