@@ -327,3 +327,47 @@ def test_recipe_round_trip_and_cpu_precision():
     fp16 = load_config([], ["extract.precision=fp16"])
     assert effective_precision(fp16, torch.device("cpu")) == "fp32"
     assert effective_precision(fp16, torch.device("cuda")) == "fp16"
+
+
+def test_fsar_frames_draws_the_clipfsar_release_test_frames(golden, fsar_test, tmp_path):
+    """Under the CLIP-FSAR preset `fsar frames` shows the release's test frames: one random
+    frame per segment (redrawn per draw), squashed, cropped and normalised as the release does."""
+    root = tmp_path / "videos"
+    (root / "media").mkdir(parents=True)
+    for mp4 in MP4S:
+        shutil.copy(golden / "media" / "videos" / mp4, root / "media" / mp4)
+    out = tmp_path / "fsar_draws.npz"
+    ids = [f"media/{Path(mp4).stem}" for mp4 in MP4S]
+    draws = 6
+    run_fsar(
+        "frames", "--dataset", "folder", "--root", str(root),
+        "--config", str(PRESETS / "clipfsar_release.yaml"), "--model", "RN50",
+        "--videos", ",".join(ids), "--out", str(out), "--seed", "0", "--draw", str(draws),
+    )  # fmt: skip
+    written = np.load(out)
+    row = 40 - 1  # both clips decode to L = 40 frames; row r of the tables is L = r + 1
+    seg_min, seg_max = (
+        fsar_test["segment.fps12.seg_min"][row],
+        fsar_test["segment.fps12.seg_max"][row],
+    )
+    config = load_config([PRESETS / "clipfsar_release.yaml"], [])
+    prep = preprocess_from_config(config, 224)
+    matched = 0
+    for video_id, mp4 in zip(ids, MP4S, strict=True):
+        source = open_source(golden / "media" / "videos" / mp4)
+        drawn = np.stack([written[f"{video_id}.draw{k}.indices"] for k in range(draws)])
+        assert ((drawn >= seg_min) & (drawn <= seg_max)).all(), video_id
+        assert len({tuple(d) for d in drawn}) > 1  # redrawn, not one fixed clip
+        # the pixels of a draw are the release's pixels of its frames: where a drawn frame is
+        # one the golden tensor holds, they agree to the golden tolerance
+        golden_indices = fsar_test[f"video.{mp4}.indices"]
+        golden_pixels = fsar_test[f"video.{mp4}.pixels"]
+        for k in range(draws):
+            pixels = written[f"{video_id}.draw{k}.pixels"]
+            expected = apply_view(source.read(drawn[k].tolist()), "center", prep, 0).numpy()
+            np.testing.assert_array_equal(pixels, expected)
+            same = drawn[k] == golden_indices
+            if same.any():
+                assert np.abs(pixels[same] - golden_pixels[same]).max() <= FSAR_TOLERANCE
+            matched += int(same.sum())
+    assert matched > 0  # the seeded draws do meet golden frames, so the comparison ran

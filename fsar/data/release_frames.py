@@ -36,6 +36,10 @@ RULES = (
 RANDOM_RULES = ("clipspm_train", "clipfsar_segment", "clipfsar_k100_train")
 FPS_RULES = ("clipfsar_k100_test", "clipfsar_k100_train")
 
+# protocol values that keep fsar's own rules over the cached frames
+CACHED_TEST = ("cached", "segment_random")
+KINETICS = ("kinetics",)
+
 
 class ReleaseFrameError(FsarError, ValueError):
     """A video the release's frame rule cannot sample (CLIP-FSAR: fewer than 8 frames)."""
@@ -182,3 +186,15 @@ def cached_positions(frame_index: np.ndarray, source: np.ndarray) -> tuple[np.nd
     take_left = np.abs(cached[left] - wanted) <= np.abs(cached[right] - wanted)
     rows = np.where(take_left, left, right)
     return rows.astype(np.int64), bool(np.array_equal(cached[rows], wanted))
+
+
+def resolve_rule(value: str, dataset: str | None) -> str | None:
+    """The release rule a protocol value names for ``dataset`` (None: fsar's cached rules)."""
+    if value in CACHED_TEST:
+        return None
+    kinetics = str(dataset or "") in KINETICS
+    if value == "clipfsar_test":
+        return "clipfsar_k100_test" if kinetics else "clipfsar_segment"
+    if value == "clipfsar_train":
+        return "clipfsar_k100_train" if kinetics else "clipfsar_segment"
+    return value

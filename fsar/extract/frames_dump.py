@@ -22,6 +22,7 @@ import torch
 from fsar.config import Config, ConfigError
 from fsar.data.datasets import load_dataset
 from fsar.data.frames import FramePolicy, parse_frame_policy, select_frames
+from fsar.data.release_frames import release_indices, resolve_rule
 from fsar.data.split_registry import _write_atomic
 from fsar.data.transforms import Preprocess, parse_views, view_seed
 from fsar.data.video import open_source
@@ -55,13 +56,15 @@ def model_input_size(model: str) -> int:
     return int(size[0] if isinstance(size, (list, tuple)) else size)
 
 
-def frame_indices(policy: FramePolicy, n_frames: int, rng: np.random.Generator | None) -> list[int]:
-    """Source frames of one draw. The one call site where a stochastic index rule plugs in.
-
-    MERGE: the release rules (``fsar.data.frames.release_indices(rule, n_frames, rng)``) go
-    here; the policies that exist now are deterministic and ignore ``rng``.
-    """
-    return select_frames(policy, n_frames)
+def frame_indices(
+    policy: FramePolicy, rule: str | None, source, rng: np.random.Generator
+) -> list[int]:
+    """Source frames of one draw: the release ``rule`` over the source video when the protocol
+    names one (random rules use ``rng``), else the store's frame policy."""
+    if rule is None:
+        return select_frames(policy, source.num_frames)
+    fps = float(getattr(source, "fps", 0.0)) or None
+    return [int(i) for i in release_indices(rule, source.num_frames, rng, fps=fps)]
 
 
 def dump_frames(
@@ -107,6 +110,7 @@ def dump_frames(
         ex.frames, seq_len=ex.seq_len, t_cap=ex.t_cap, min_frames=ex.min_frames
     )
     views = parse_views(ex.views)
+    rule = resolve_rule(config.protocol.test_frames, config.dataset.name)  # the test frames
     preprocess = preprocess_from_config(config, model_input_size(config.model.name))
 
     arrays: dict[str, np.ndarray] = {}
@@ -118,7 +122,7 @@ def dump_frames(
         )
         for draw in range(draws or 1):
             rng = np.random.default_rng(view_seed(seed, video_id, f"draw{draw}"))
-            indices = frame_indices(policy, source.num_frames, rng)
+            indices = frame_indices(policy, rule, source, rng)
             pixels = encoder_input(source, indices, views, preprocess, ex.seed, video_id)
             key = video_id if draws is None else f"{video_id}.draw{draw}"
             arrays[f"{key}.indices"] = np.asarray(indices, dtype=np.int64)

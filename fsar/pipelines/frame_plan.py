@@ -29,27 +29,13 @@ from fsar.data.release_frames import (
     ReleaseFrameError,
     cached_positions,
     release_indices,
+    resolve_rule,
 )
 from fsar.errors import FsarError
-
-CACHED_TEST = ("cached", "segment_random")
-KINETICS = ("kinetics",)
 
 
 class FramePolicyError(FsarError, ValueError):
     """A frame rule needs source frames the store did not cache; names the policy to use."""
-
-
-def resolve_rule(value: str, dataset: str | None) -> str | None:
-    """The release rule a protocol value names for ``dataset`` (None: fsar's cached rules)."""
-    if value in CACHED_TEST:
-        return None
-    kinetics = str(dataset or "") in KINETICS
-    if value == "clipfsar_test":
-        return "clipfsar_k100_test" if kinetics else "clipfsar_segment"
-    if value == "clipfsar_train":
-        return "clipfsar_k100_train" if kinetics else "clipfsar_segment"
-    return value
 
 
 def store_frames(recipe: dict) -> str:
