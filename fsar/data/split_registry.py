@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from fsar.atomic import write_atomic
 from fsar.data.splits import SPLITS, parse_split_dir
 from fsar.errors import DatasetError, FsarError
 
@@ -169,7 +170,7 @@ def fetch_split(
                 f"refusing {variant.name}/{file.name} from {source}: its sha256 is {actual}, "
                 f"the registry expects {file.sha256}"
             )
-        _write_atomic(folder / file.name, data)
+        write_atomic(folder / file.name, data)
         say(f"fetched  {folder / file.name}")
     return folder
 
@@ -302,15 +303,3 @@ def _read_source(source: str | Path, timeout: float) -> bytes:
             f"could not download {source}: {err}. Offline or behind a firewall? Copy the lists "
             "from a machine that can reach it and pass --mirror DIR"
         ) from err
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

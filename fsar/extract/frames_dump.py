@@ -19,11 +19,11 @@ import numpy as np
 import open_clip
 import torch
 
+from fsar.atomic import write_atomic
 from fsar.config import Config, ConfigError
 from fsar.data.datasets import load_dataset
 from fsar.data.frames import FramePolicy, parse_frame_policy, select_frames
 from fsar.data.release_frames import release_indices, resolve_rule
-from fsar.data.split_registry import _write_atomic
 from fsar.data.transforms import Preprocess, parse_views, view_seed
 from fsar.data.video import open_source
 from fsar.extract.decode import encoder_input
@@ -136,7 +136,7 @@ def dump_frames(
     out.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
-    _write_atomic(out, buffer.getvalue())
+    write_atomic(out, buffer.getvalue())
     sheet = Path(sheet) if sheet is not None else out.with_suffix(".png")
     write_contact_sheet(sheet, rows, images, preprocess)
     return FramesDump(out, sheet, rows, preprocess.crop, preprocess)
@@ -182,4 +182,4 @@ def write_contact_sheet(
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     canvas.save(buffer, format="PNG")
-    _write_atomic(path, buffer.getvalue())
+    write_atomic(path, buffer.getvalue())

@@ -7,13 +7,12 @@ needed for an exact resume, the full config, the protocol and the training store
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fsar.atomic import atomic_file, clean_partial
 from fsar.torch_files import CheckpointError, load_torch_file
 
 FORMAT = "fsar-heads/1"
@@ -28,10 +27,6 @@ class CheckpointWriteError(CheckpointError):
 
 class NonFiniteWeights(CheckpointError):
     """A state holds NaN or infinite values: it is not written, and not scored."""
-
-
-# temporary files of save_checkpoint: "<name>.<random>.partial" beside the target
-PARTIAL_SUFFIX = ".partial"
 
 
 def non_finite_entries(tree: Any, prefix: str = "") -> list[str]:
@@ -72,30 +67,13 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
 
 
 def _write_atomic(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=PARTIAL_SUFFIX, dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save({"format": FORMAT, **payload}, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    with atomic_file(path) as file:
+        torch.save({"format": FORMAT, **payload}, file)
 
 
 def clean_partial_writes(folder: Path) -> list[Path]:
     """Remove the temporary files of checkpoint writes that a kill cut short."""
-    removed = sorted(Path(folder).glob(f"*.pt.*{PARTIAL_SUFFIX}"))
-    for path in removed:
-        path.unlink(missing_ok=True)
-    return removed
+    return clean_partial(folder, "*.pt")
 
 
 def load_checkpoint(

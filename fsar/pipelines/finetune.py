@@ -29,10 +29,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from fsar.atomic import write_atomic
 from fsar.config import Config, ConfigError, build_dataclass, to_dict
 from fsar.data.datasets import load_dataset
 from fsar.data.frames import FramePolicy, parse_frame_policy
-from fsar.data.split_registry import _write_atomic as write_atomic
 from fsar.data.transforms import Preprocess
 from fsar.devices import resolve_device
 from fsar.errors import FsarError

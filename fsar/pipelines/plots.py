@@ -8,13 +8,13 @@ tests). matplotlib is imported inside the functions to keep ``import fsar`` chea
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fsar.atomic import atomic_file
 from fsar.errors import FsarError
 
 DATASET_ORDER = ("kinetics", "ssv2_full", "ssv2_small", "ucf101", "hmdb51")
@@ -198,8 +198,6 @@ def _figure(n_rows: int, n_cols: int, width: float, height: float):
 def _save(fig, path: str | Path) -> Path:
     """Write the PNG to a temporary name, then rename: a half-written plot never appears."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=110)
-    os.replace(tmp, path)
+    with atomic_file(path) as file:
+        fig.savefig(file, format="png", dpi=110)
     return path

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fsar.atomic import atomic_file, write_atomic
 from fsar.errors import FsarError
 from fsar.pipelines.plots import (
     confusion_title,
@@ -119,12 +119,10 @@ def write_csv(results: Sequence[dict[str, Any]], path: str | Path) -> Path:
     for row in flat:
         fields += [name for name in row if name not in fields]
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as file:
+    with atomic_file(path, "w") as file:
         writer = csv.DictWriter(file, fieldnames=fields)
         writer.writeheader()
         writer.writerows(flat)
-    os.replace(tmp, path)
     return path
 
 
@@ -171,9 +169,7 @@ def write_report(
     text += missing
     text += ["", "Files: [results.csv](results.csv)", ""]
     report = out / "report.md"
-    tmp = out / ".report.md.tmp"
-    tmp.write_text("\n".join(text))
-    os.replace(tmp, report)
+    write_atomic(report, "\n".join(text))
     return report
 
 

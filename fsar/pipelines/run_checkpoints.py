@@ -21,12 +21,12 @@ import errno
 from pathlib import Path
 from typing import Any
 
+from fsar.atomic import clean_partial
 from fsar.config import ConfigError
 from fsar.pipelines.checkpoint import (
     CheckpointError,
     CheckpointWriteError,
     NonFiniteWeights,
-    clean_partial_writes,
     load_checkpoint,
     save_checkpoint,
 )
@@ -162,10 +162,7 @@ def held_step(path: Path) -> int | None:
 
 def clean_stray_files(out: Path) -> None:
     """Remove the temporary files of writes a kill cut short (checkpoints, metrics, config)."""
-    clean_partial_writes(out)
-    for name in ("metrics.jsonl", "config.json"):  # split_registry's atomic writer's names
-        for path in Path(out).glob(f".{name}.*.tmp"):
-            path.unlink(missing_ok=True)
+    clean_partial(out)  # checkpoints, metrics.jsonl, config.json: one atomic writer
 
 
 def reconcile(out: Path) -> dict[str, Any] | None:

@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from fsar.atomic import write_atomic
 from fsar.cache import open_store
 from fsar.cache.bank import FeatureBank, load_bank
 from fsar.config import Config, ConfigError, check_head_batching, to_dict
-from fsar.data.split_registry import _write_atomic as write_atomic
 from fsar.devices import resolve_device
 from fsar.errors import FsarError
 from fsar.heads import FewShotHead, episode_loss
