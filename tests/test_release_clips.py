@@ -16,7 +16,10 @@ from fsar.pipelines.episodes import EpisodeSampler, EpisodeShape
 
 from .conftest import REPO
 
-RELEASE = Preprocess(resize=256, crop=224, normalize=True)
+# the clipfsar_release preset's pixels: squash to 256x256, float bilinear, crop at 16
+RELEASE = Preprocess(
+    resize=256, crop=224, interpolation="bilinear_float", resize_mode="squash", crop_offset="floor"
+)
 LENGTHS = (40, 41, 57, 64)
 
 
@@ -51,8 +54,9 @@ def numbered_videos(tmp_path_factory) -> VideoSplit:
 
 
 def frame_numbers(clip: torch.Tensor) -> list[int]:
-    """Source frame of each frame of a clip (float 0..255 or uint8 [T, 3, H, W])."""
-    means = clip.float().mean(dim=(1, 2, 3)).numpy()
+    """Source frame of each frame of a clip (float [0, 1] or uint8 [T, 3, H, W])."""
+    scale = 255.0 if clip.is_floating_point() else 1.0
+    means = (clip.float() * scale).mean(dim=(1, 2, 3)).numpy()
     return [int(round((m - 20) / 3)) for m in means]
 
 
@@ -100,9 +104,11 @@ def test_clipfsar_supports_are_cropped_at_0_to_31_and_never_flipped():
     for seed in range(400):
         clip = clipfsar_train_clip(frames, RELEASE, np.random.default_rng(seed), k100_query=False)
         assert clip.shape == (2, 3, 224, 224) and clip.dtype == torch.float32
-        x, y = round(float(clip[0, 0, 0, 0])), round(float(clip[0, 1, 0, 0]))
+        x, y = round(float(clip[0, 0, 0, 0]) * 255), round(float(clip[0, 1, 0, 0]) * 255)
         expected = torch.from_numpy(frames[:, y : y + 224, x : x + 224]).permute(0, 3, 1, 2)
-        torch.testing.assert_close(clip, expected.float(), atol=1e-3, rtol=0)  # no flip, no jitter
+        torch.testing.assert_close(
+            clip * 255, expected.float(), atol=1e-3, rtol=0
+        )  # no flip/jitter
         offsets.add((x, y))
     xs, ys = {x for x, _ in offsets}, {y for _, y in offsets}
     assert xs == set(range(32)) and ys == set(range(32))  # 32 is never drawn
@@ -117,7 +123,7 @@ def test_clipfsar_k100_queries_are_flipped_half_the_time_and_colour_jittered():
         # brightness, contrast, saturation, hue and grayscale keep a grey ramp's order
         flips += bool(clip[0, 0, 0, 0] > clip[0, 0, 0, -1])
         plain = clipfsar_train_clip(grey_ramp, RELEASE, np.random.default_rng(seed), False)
-        jittered += not torch.allclose(clip, plain, atol=1.0)
+        jittered += not torch.allclose(clip, plain, atol=1 / 255)
     assert 0.35 * draws < flips < 0.65 * draws
     assert jittered > 0.9 * draws
 
@@ -293,5 +299,5 @@ def test_clipfsar_support_clip_at_the_centre_offset_is_the_golden_test_tensor(sh
         draws = ScriptedUniform([16.7, 16.2])  # int() -> 16, 16
         clip = clipfsar_train_clip(golden[f"video.{name}.decoded"], RELEASE, draws, False)
         assert draws.asked == [(0, 32), (0, 32)]
-        pixels = ((clip / 255.0 - mean) / std).numpy()
+        pixels = ((clip - mean) / std).numpy()
         assert np.abs(pixels - golden[f"video.{name}.pixels"]).max() <= 1e-5, name

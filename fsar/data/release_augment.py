@@ -11,53 +11,52 @@ golden/data_path/README.md states the rules; one draw set serves every frame of 
   the colour jitter after the crop (brightness, contrast, saturation ~ U[0.5, 1.5], hue ~
   U[-0.25, 0.25], shuffled order, grayscale first with p = 0.3). Supports are never flipped.
 
-Draws come from a ``numpy.random.Generator`` in the release's order. CLIP-SPM clips are uint8
-``[T, 3, crop, crop]``; CLIP-FSAR clips are float32 in 0..255 units (the squash and the jitter
-are float operations, so no uint8 rounding), which ``to_model_input`` scales like uint8.
+Draws come from a ``numpy.random.Generator`` in the release's order. The resizes are the
+preset's own (``fsar.data.transforms``), so a fine-tuned run sees the pixels extraction encodes.
+CLIP-SPM clips are ``train_crop``'s (uint8); CLIP-FSAR clips are float32 in [0, 1] (the squash
+and the jitter are float operations, so no uint8 rounding); ``model_input`` takes both.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as nnf
 from torchvision.transforms.v2 import functional as F
 
-from fsar.data.transforms import Preprocess, _resized
+from fsar.data.transforms import Preprocess, _frame_size, resize_frames, resized_size, train_crop
 
 
 def clipspm_train_clip(
     frames: np.ndarray, prep: Preprocess, rng: np.random.Generator, flip: bool
 ) -> torch.Tensor:
-    """CLIP-SPM's training clip: uint8 [T, H, W, 3] -> uint8 [T, 3, crop, crop]."""
-    video = _resized(frames, prep)  # [T, 3, H', W']
-    height, width = video.shape[-2:]
-    if flip and rng.random() < 0.5:
-        video = F.horizontal_flip(video)
+    """CLIP-SPM's training clip: uint8 [T, H, W, 3] -> [T, 3, crop, crop] as ``train_crop``
+    gives it (uint8 under the release's Pillow bilinear)."""
+    height, width = resized_size(_frame_size(frames), prep)
+    mirror = bool(flip and rng.random() < 0.5)
     x1 = int(rng.integers(0, width - prep.crop + 1))
     y1 = int(rng.integers(0, height - prep.crop + 1))
-    return video[..., y1 : y1 + prep.crop, x1 : x1 + prep.crop].contiguous()
+    return train_crop(frames, prep, mirror, x1, y1)
 
 
 def clipfsar_train_clip(
     frames: np.ndarray, prep: Preprocess, rng: np.random.Generator, k100_query: bool
 ) -> torch.Tensor:
-    """CLIP-FSAR's training clip: uint8 [T, H, W, 3] -> float32 [T, 3, crop, crop] (0..255).
+    """CLIP-FSAR's training clip: uint8 [T, H, W, 3] -> float32 [T, 3, crop, crop] in [0, 1].
 
-    The squash side is ``prep.resize`` (256 for the release's 224 crop)."""
-    if isinstance(frames, np.ndarray) and not frames.flags.writeable:
-        frames = frames.copy()
-    video = torch.as_tensor(frames).permute(0, 3, 1, 2).float().div(255.0)  # [T, 3, H, W]
+    The resize is ``prep``'s (the release preset: squash to 256x256, float bilinear without
+    antialias); Kinetics-100 queries are mirrored on the decoded frames, before it."""
     if k100_query and rng.random() < 0.5:
-        video = video.flip(-1)
-    size, crop = prep.resize, prep.crop
-    video = nnf.interpolate(video, size=(size, size), mode="bilinear", align_corners=False)
-    x = int(rng.uniform(0, size - crop))
-    y = int(rng.uniform(0, size - crop))
-    video = video[..., y : y + crop, x : x + crop]
+        frames = np.ascontiguousarray(np.asarray(frames)[:, :, ::-1])
+    video = resize_frames(frames, prep)  # [T, 3, H', W']
+    if video.dtype == torch.uint8:
+        video = video.float().div_(255.0)
+    height, width = video.shape[-2:]
+    x = int(rng.uniform(0, width - prep.crop))
+    y = int(rng.uniform(0, height - prep.crop))
+    video = video[..., y : y + prep.crop, x : x + prep.crop]
     if k100_query:
         video = color_jitter(video, rng)
-    return (video * 255.0).contiguous()
+    return video.contiguous()
 
 
 def color_jitter(video: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:

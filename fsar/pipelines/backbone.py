@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fsar.config import ConfigError
-from fsar.data.transforms import to_model_input
+from fsar.data.transforms import Preprocess, model_input
 from fsar.extract.layers import LayerTaps
 from fsar.heads import FewShotHead, HeadOutput
 
@@ -96,19 +96,19 @@ def _checkpointed(forward, x: torch.Tensor) -> torch.Tensor:
 
 
 class VideoModel(nn.Module):
-    """visual encoder + head: uint8 clips in, ``HeadOutput`` out."""
+    """visual encoder + head: clips in (uint8, or float32 in [0, 1]), ``HeadOutput`` out."""
 
     def __init__(
         self,
         visual: nn.Module,
         head: FewShotHead,
-        normalize: bool,
+        prep: Preprocess,
         shallow_layer: str | None = None,
     ):
         super().__init__()
         self.visual = visual
         self.head = head
-        self.normalize = normalize
+        self.prep = prep  # the pixel recipe: its mean/std normalise the clips
         self.shallow_layer = shallow_layer
         self.taps = LayerTaps(visual, [shallow_layer] if shallow_layer else [])
 
@@ -120,7 +120,7 @@ class VideoModel(nn.Module):
     def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """uint8 [..., T, 3, H, W] -> features float [..., T, D] (+ the shallow layer's)."""
         lead = pixels.shape[:-3]
-        images = to_model_input(pixels.flatten(0, -4), self.normalize)
+        images = model_input(pixels.flatten(0, -4), self.prep)
         features = self.visual(images).float()
         shallow = None
         if self.shallow_layer:

@@ -13,12 +13,16 @@ from typing import Any
 import torch
 
 from fsar.atomic import atomic_file, clean_partial
+from fsar.data.transforms import Preprocess
 from fsar.torch_files import CheckpointError, load_torch_file
 
 FORMAT = "fsar-heads/1"
 # Recipe keys that must agree between the store a head was trained on and one it is evaluated
 # on: the same encoder and the same pixels in (the dataset and split may differ).
-ENCODER_KEYS = ("model", "weights", "quick_gelu", "image_size", "resize", "crop", "normalize")
+PIXEL_KEYS = (
+    "resize", "crop", "normalize", "interpolation", "resize_mode", "crop_offset", "mean", "std"
+)  # fmt: skip
+ENCODER_KEYS = ("model", "weights", "quick_gelu", "image_size", *PIXEL_KEYS, "frame_listing")
 
 
 class CheckpointWriteError(CheckpointError):
@@ -107,7 +111,14 @@ def check_requested_head(path: Path | str, head: str | None) -> None:
 
 
 def encoder_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
-    return {key: recipe.get(key) for key in ENCODER_KEYS}
+    """The encoder and pixel fields of a recipe; recipes from before the pixel rules were
+    recorded read back as the defaults they were made with, so old and new compare."""
+    pixels = Preprocess.from_recipe(recipe).recipe()
+    return {
+        **{key: recipe.get(key) for key in ENCODER_KEYS},
+        **{key: pixels[key] for key in PIXEL_KEYS},
+        "frame_listing": recipe.get("frame_listing") or "natural_images",
+    }
 
 
 def expected_encoder(checkpoint: dict[str, Any], path: Path | str) -> dict[str, Any]:
@@ -116,7 +127,7 @@ def expected_encoder(checkpoint: dict[str, Any], path: Path | str) -> dict[str, 
     Frozen-feature runs: their training store's. Fine-tuning runs: a store re-extracted with
     ``--checkpoint path``, whose weights id names the base weights and this file's sha256.
     """
-    trained = dict(checkpoint["store"]["encoder"])
+    trained = encoder_recipe(checkpoint["store"]["encoder"])
     if checkpoint.get("regime") == "e2e":
         from fsar.extract.encoders import file_sha256
 
@@ -133,7 +144,7 @@ def check_store_fits(
     """Refuse a store whose encoder or preprocessing differs from the one the head saw."""
     trained = expected_encoder(checkpoint, path)
     here = encoder_recipe(recipe)
-    diff = {k: (trained[k], here[k]) for k in ENCODER_KEYS if trained.get(k) != here.get(k)}
+    diff = {k: (trained[k], here[k]) for k in ENCODER_KEYS if trained[k] != here[k]}
     if diff:
         lines = ", ".join(f"{k}: trained {a!r} vs store {b!r}" for k, (a, b) in diff.items())
         if checkpoint.get("regime") == "e2e":

@@ -50,12 +50,13 @@ class VideoSplit:
     class_ids: torch.Tensor
     class_names: tuple[str, ...]
     skipped: int  # listed videos of the split without a local file
+    listing: str = "natural_images"  # frame-folder listing rule (extract.frame_listing)
 
     def __len__(self) -> int:
         return len(self.video_ids)
 
 
-def video_split(dataset: DatasetIndex, split: str) -> VideoSplit:
+def video_split(dataset: DatasetIndex, split: str, listing: str = "natural_images") -> VideoSplit:
     items = [item for item in dataset.items if item.split == split]
     present = [item for item in items if item.path is not None]
     if not present:
@@ -70,6 +71,7 @@ def video_split(dataset: DatasetIndex, split: str) -> VideoSplit:
         class_ids=torch.tensor([item.class_id for item in present], dtype=torch.long),
         class_names=tuple(dataset.class_names),
         skipped=len(items) - len(present),
+        listing=listing,
     )
 
 
@@ -91,7 +93,9 @@ def task_generator(seed: int, task: int) -> torch.Generator:
 def _read(videos: VideoSplit, row: int, pick, backend: str) -> np.ndarray:
     """uint8 [T, H, W, 3] frames ``pick(n_source_frames, fps)`` of video ``row``."""
     try:
-        source = open_source(Path(videos.paths[row]), backend=backend, threads=1)
+        source = open_source(
+            Path(videos.paths[row]), backend=backend, threads=1, listing=videos.listing
+        )
         fps = float(getattr(source, "fps", 0.0))  # frame folders have none (0)
         return source.read(pick(source.num_frames, fps))
     except Exception as err:

@@ -40,11 +40,13 @@ from fsar.extract.distributed import DistContext, barrier, init_distributed
 from fsar.extract.encoders import EncoderSpec, build_encoder, weights_id
 from fsar.extract.layers import LayerTaps
 from fsar.extract.prompts import encode_class_names, resolve_templates
+from fsar.extract.recipe import preprocess_from_config
 from fsar.extract.runner import cpu_threads_beside_workers, encoder_spec
 from fsar.heads import episode_loss
 from fsar.interrupts import Interrupted, stop_on_signals
 from fsar.pipelines.backbone import VideoModel, enable_grad_checkpointing, freeze_first_blocks
 from fsar.pipelines.build import aux_weights, build_head, hsmr_layer, video_text_inputs
+from fsar.pipelines.checkpoint import encoder_recipe
 from fsar.pipelines.clips import (
     TrainEpisodes,
     VideoSplit,
@@ -135,15 +137,12 @@ def build_video_model(config: Config, class_names, device: torch.device) -> Setu
         class_text = encode_class_names(encoder.model, encoder.tokenizer, class_names, templates)
     class_text = class_text.mean(dim=1).to(device)
     visual = encoder.model.visual
-    crop = ex.crop or encoder.image_size
-    prep = Preprocess(
-        resize=ex.resize or round(crop * 256 / 224), crop=crop, normalize=ex.normalize
-    )
+    prep = preprocess_from_config(config, encoder.image_size)
     shallow = hsmr_layer(config.head)
-    layer_dims = probe_layer_dims(visual, shallow, crop, device)
+    layer_dims = probe_layer_dims(visual, shallow, prep.crop, device)
     torch.manual_seed(config.train.seed)  # the head's initial weights
     head = build_head(config.head, encoder.embed_dim, layer_dims)
-    model = VideoModel(visual, head, prep.normalize, shallow).to(device)
+    model = VideoModel(visual, head, prep, shallow).to(device)
     record = {
         "model": spec.model,
         "pretrained": spec.pretrained,
@@ -153,9 +152,8 @@ def build_video_model(config: Config, class_names, device: torch.device) -> Setu
         "text_weights": weights_id(EncoderSpec(spec.model, spec.pretrained, spec.weights)),
         "quick_gelu": encoder.quick_gelu,
         "image_size": encoder.image_size,
-        "resize": prep.resize,
-        "crop": prep.crop,
-        "normalize": prep.normalize,
+        **prep.recipe(),
+        "frame_listing": ex.frame_listing,
     }
     return Setup(model, class_text, prep, evaluation_policy(config), spec, record, layer_dims)
 
@@ -208,7 +206,9 @@ def finetune(config: Config, progress: bool = True) -> FinetuneResult:
         splits_dir=Path(config.dataset.splits_dir) if config.dataset.splits_dir else None,
         splits=sorted({"train", selection}),
     )
-    train_videos, select_videos = video_split(dataset, "train"), video_split(dataset, selection)
+    listing = config.extract.frame_listing
+    train_videos = video_split(dataset, "train", listing)
+    select_videos = video_split(dataset, selection, listing)
     sampler = EpisodeSampler(
         train_videos,
         train_shape(config),
@@ -554,15 +554,7 @@ def run_record(
             "fingerprint": None,
             "dataset": config.dataset.name,
             "variant": dataset.variant,
-            "encoder": {
-                "model": enc["model"],
-                "weights": None,
-                "quick_gelu": enc["quick_gelu"],
-                "image_size": enc["image_size"],
-                "resize": enc["resize"],
-                "crop": enc["crop"],
-                "normalize": enc["normalize"],
-            },
+            "encoder": {**encoder_recipe(enc), "weights": None},
             "frames": "reference_test",
             "seq_len": config.extract.seq_len,
             "train_videos": len(train_videos),

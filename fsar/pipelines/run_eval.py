@@ -172,7 +172,7 @@ def run_decoded_evaluation(
     )
     setup = load_video_model(payload, dataset.class_names, device)
     check_finite_weights(setup.model, str(checkpoint))
-    videos = video_split(dataset, ev.split)
+    videos = video_split(dataset, ev.split, trained.extract.frame_listing)
     shape = EpisodeShape(config.episodes.way, config.episodes.shot, config.episodes.query)
     episodes = fixed_episodes(videos, shape, ev.episodes, ev.seed)
     outcome = evaluate_decoded(
