@@ -240,7 +240,7 @@ def test_release_presets_refuse_a_store_without_dense_frames(reference_store, tm
 def test_training_on_release_frames_resumes_to_the_same_weights(dense_store, tmp_path, monkeypatch):
     import shutil
 
-    from fsar.pipelines import train as train_module
+    from fsar.pipelines import run_checkpoints
 
     config = load_config(
         [PRESETS / "clipfsar_release.yaml"],
@@ -261,7 +261,7 @@ def test_training_on_release_frames_resumes_to_the_same_weights(dense_store, tmp
         ],
     )
     assert config.protocol.train_frames == "clipfsar_train"
-    save = train_module.save_checkpoint
+    save = run_checkpoints.save_checkpoint
     out, kept = tmp_path / "run", tmp_path / "step2.pt"
 
     def keep_step_two(path: Path, payload) -> None:  # the state a run killed after step 2 left
@@ -269,10 +269,10 @@ def test_training_on_release_frames_resumes_to_the_same_weights(dense_store, tmp
         if payload["step"] == 2 and path.name == "last.pt":
             shutil.copy(path, kept)
 
-    monkeypatch.setattr(train_module, "save_checkpoint", keep_step_two)
+    monkeypatch.setattr(run_checkpoints, "save_checkpoint", keep_step_two)
     config = with_overrides(config, {"train.out": str(out)})
     whole = train_heads(config, progress=False)
-    monkeypatch.setattr(train_module, "save_checkpoint", save)
+    monkeypatch.setattr(run_checkpoints, "save_checkpoint", save)
     final = torch.load(out / "last.pt", weights_only=True)["head"]
     shutil.rmtree(out)
     out.mkdir()

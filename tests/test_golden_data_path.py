@@ -21,7 +21,7 @@ from PIL import Image
 from fsar.cache import StoreMismatchError, open_store
 from fsar.cache.bank import load_bank
 from fsar.config import load_config
-from fsar.data.frames import parse_frame_policy, select_frames
+from fsar.data.release_frames import release_indices, resolve_rule
 from fsar.data.transforms import (
     apply_view,
     center_offsets,
@@ -73,14 +73,15 @@ def spm_config(*overrides: str):
 def test_clipspm_test_path_listing_indices_decode_and_pixels(golden, spm):
     info, arrays = spm
     config = spm_config()
-    policy = parse_frame_policy(config.extract.frames, seq_len=config.extract.seq_len)
+    test_rule = resolve_rule(config.protocol.test_frames, config.dataset.name)
+    assert test_rule == "clipspm_test"
     prep = preprocess_from_config(config, 224)
     assert len(info["folders"]) == 7
     for folder in info["folders"]:
         expected = info["videos"][folder]
         source = open_source(golden / "media" / "frames" / folder, listing="sorted_all")
         assert [p.name for p in source.files] == expected["listing"], folder
-        indices = select_frames(policy, source.num_frames)
+        indices = release_indices(test_rule, source.num_frames).tolist()  # the preset's rule
         assert indices == arrays[f"{folder}.indices"].tolist(), folder
         assert [source.files[i].name for i in indices] == expected["files_read"], folder
         width, height = expected["source_wh"]
@@ -197,7 +198,10 @@ def extraction_config(root: Path, out: Path, model: str, *overrides: str):
 def test_extracted_store_encodes_the_golden_pixels(spm, frame_folders, vit224, tmp_path):
     info, arrays = spm
     out = tmp_path / "spm.zarr"
-    config = extraction_config(frame_folders, out, vit224)
+    # reference_test caches exactly the release's 8 test frames (the preset's dense store also
+    # caches the rest; the stray folder's Thumbs.db then fails that video, as the release fails
+    # on a training draw of it)
+    config = extraction_config(frame_folders, out, vit224, "extract.frames=reference_test")
     result = run_extraction(config, progress=False)
     assert (result.done, result.failed) == (7, 0)
     store = open_store(out)
@@ -231,7 +235,12 @@ def test_extracted_store_encodes_the_golden_pixels(spm, frame_folders, vit224, t
         ("extract.feature_dtype=float16", "feature_dtype"),
     ):
         with pytest.raises(StoreMismatchError, match=field):
-            run_extraction(extraction_config(frame_folders, out, vit224, override), progress=False)
+            run_extraction(
+                extraction_config(
+                    frame_folders, out, vit224, "extract.frames=reference_test", override
+                ),
+                progress=False,
+            )
 
 
 def test_fsar_frames_writes_the_golden_encoder_input(spm, frame_folders, tmp_path):

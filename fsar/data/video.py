@@ -137,11 +137,13 @@ def _read_jpeg(path: Path) -> np.ndarray:
     (no image object in between); PIL reads whatever it refuses (e.g. CMYK or odd markers).
     """
     try:
-        with warnings.catch_warnings():  # torchvision 0.29 announces a future move to TorchCodec
+        # torchvision 0.29 announces a future move to TorchCodec on import and on every call
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
-        return decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB).permute(1, 2, 0).numpy()
+            image = decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB)
+        return image.permute(1, 2, 0).numpy()
     except Exception:  # fall through to PIL, which names the problem if it fails too
         pass
     from PIL import Image
