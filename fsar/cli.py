@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from fsar.config import ConfigError, config_dir, describe, load_config
+from fsar.errors import FsarError
 
 # flag -> dotted config key, shared by the sub-commands that build a Config
 EXTRACT_FLAGS = {
@@ -287,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _dispatch(args)
+    except FsarError as err:
+        print(f"fsar {args.command}: error: {err}", file=sys.stderr)
+        return getattr(err, "exit_code", 2)
     except (ConfigError, FileNotFoundError, KeyError, ValueError, RuntimeError) as err:
         print(f"fsar {args.command}: error: {err}", file=sys.stderr)
         return 2

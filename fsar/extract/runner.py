@@ -11,9 +11,10 @@ from __future__ import annotations
 import os
 import queue
 import shutil
+import signal
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,29 +24,54 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from fsar.cache import StoreLayout, assign_blocks, create_store, export_hdf5, open_store
+from fsar.cache.backends import write_error
+from fsar.cache.layout import MISSING_PREFIX, STATUS_FAILED
+from fsar.cache.lock import StoreLockedError, remove_leftovers, writer_lock
+from fsar.cache.store import check_matches
 from fsar.config import Config, ConfigError
 from fsar.data.datasets import load_dataset
 from fsar.data.frames import parse_frame_policy
 from fsar.data.transforms import Preprocess, parse_views
 from fsar.devices import resolve_device
 from fsar.extract.decode import BlockDataset, DecodeDataset, VideoJob, collate_single
-from fsar.extract.distributed import DistContext, barrier, init_distributed
+from fsar.extract.distributed import (
+    DistContext,
+    barrier,
+    broadcast_from_rank0,
+    init_distributed,
+)
 from fsar.extract.encoders import Encoder, EncoderSpec, build_encoder
 from fsar.extract.prompts import encode_class_names, resolve_templates
 from fsar.extract.recipe import build_recipe
+from fsar.interrupts import Interrupted, StopRequest, stop_on_signals
 
 
 @dataclass
 class ExtractResult:
     store: Path
-    videos: int  # videos in the store
+    videos: int  # videos in the store (every listed video)
     done: int
-    failed: int
-    encoded_now: int  # videos encoded by this process in this run
+    failed: int  # videos that could not be decoded (missing files not included)
+    encoded_now: int  # videos encoded (now done) by this process in this run
     frames_now: int  # frames encoded by this process in this run
     seconds: float
     failures: list[tuple[str, str]] = field(default_factory=list)  # (video id, reason)
     rank: int = 0
+    missing: int = 0  # listed videos without a file under --root
+    failed_now: int = 0  # videos this process found undecodable in this run
+    missing_now: int = 0  # videos this process found missing in this run
+    missing_ids: list[str] = field(default_factory=list)
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> status -> n
+
+
+@dataclass
+class Tally:
+    """What one process did in one run."""
+
+    encoded: int = 0
+    frames: int = 0
+    failed: int = 0
+    missing: int = 0
 
 
 def encoder_spec(config: Config) -> EncoderSpec:
@@ -100,71 +126,119 @@ def run_extraction(config: Config, progress: bool = True) -> ExtractResult:
 
     out = Path(ex.out)
     work_path = staging_path(out) if ex.backend == "hdf5" else out
-    if ex.backend == "hdf5" and out.exists():
-        raise ConfigError(
-            f"{out} already exists and HDF5 stores are written once: pick a new --out"
-        )
-    if dist.rank == 0:  # one process creates (or checks) the store, the others then open it
-        store = create_store(work_path, layout, recipe, backend="zarr")
-    barrier(dist)
-    if dist.rank != 0:
-        store = create_store(work_path, layout, recipe, backend="zarr")
+    with stop_on_signals() as stop, ExitStack() as held:
+        refusal = None
+        if dist.rank == 0:  # one writer per store; the ranks of this job share it
+            try:
+                held.enter_context(writer_lock(out))
+            except StoreLockedError as err:
+                refusal = str(err)
+            else:
+                remove_leftovers(out)
+                remove_leftovers(work_path)
+        refusal = broadcast_from_rank0(dist, refusal)
+        if refusal:
+            raise StoreLockedError(refusal)
+        stop.check()
+        if ex.backend == "hdf5" and out.exists():  # exported by an earlier (perhaps killed) run
+            return _already_exported(out, work_path, layout, recipe, dist, start_time)
+        if dist.rank == 0:  # one process creates (or checks) the store, the others then open it
+            store = create_store(work_path, layout, recipe, backend="zarr")
+        barrier(dist)
+        if dist.rank != 0:
+            store = create_store(work_path, layout, recipe, backend="zarr")
 
-    if dist.rank == 0 and not store.has_text:
-        text = encode_class_names(encoder.model, encoder.tokenizer, dataset.class_names, templates)
-        store.write_classes(text.mean(dim=1).numpy(), text.numpy())
+        if dist.rank == 0 and not store.has_text:
+            text = encode_class_names(
+                encoder.model, encoder.tokenizer, dataset.class_names, templates
+            )
+            store.write_classes(text.mean(dim=1).numpy(), text.numpy())
+        stop.check()
 
-    pending = store.pending_blocks(retry_failed=ex.retry_failed)
-    # Every rank must split the same pending list: no rank writes before all have read it.
-    barrier(dist)
-    my_blocks = assign_blocks(pending, dist.rank, dist.world_size)
-    paths = {item.video_id: item.path for item in dataset.items}
-    status = np.asarray(store.status)
-    block_jobs = [
-        (
-            block,
-            [
-                VideoJob(i, store.video_ids[i], _path_or_none(paths[store.video_ids[i]]))
-                for i in range(block[0], block[1])
-                if status[i] != 1
-            ],
+        paths = {item.video_id: item.path for item in dataset.items}
+        pending = blocks_to_do(store, paths, ex.retry_failed)
+        # Every rank must split the same pending list: no rank writes before all have read it.
+        barrier(dist)
+        my_blocks = assign_blocks(pending, dist.rank, dist.world_size)
+        status = np.asarray(store.status)
+        block_jobs = [
+            (
+                block,
+                [
+                    VideoJob(i, store.video_ids[i], _path_or_none(paths[store.video_ids[i]]))
+                    for i in range(block[0], block[1])
+                    if status[i] != 1
+                ],
+            )
+            for block in my_blocks
+        ]
+        decode = DecodeDataset(
+            [job for _, jobs in block_jobs for job in jobs],
+            policy,
+            views,
+            preprocess,
+            ex.seed,
+            ex.decode_backend,
         )
-        for block in my_blocks
+        tally = encode_blocks(
+            store, encoder, decode, block_jobs, views, ex, progress and dist.rank == 0, stop
+        )
+        barrier(dist)
+
+        final = store
+        if dist.rank == 0 and ex.backend == "hdf5":
+            export_hdf5(store, out, check=stop.check)
+            shutil.rmtree(work_path)
+            final = open_store(out)
+        elif dist.rank == 0:
+            final = open_store(out)
+        barrier(dist)
+        return _result(final, out, tally, time.perf_counter() - start_time, dist.rank)
+
+
+def blocks_to_do(store, paths: dict, retry_failed: bool) -> list[tuple[int, int]]:
+    """Blocks with pending videos (or failed ones when retry_failed), and blocks with a video
+    recorded missing whose file has since appeared under --root."""
+    todo = set(store.pending_blocks(retry_failed=retry_failed))
+    status, errors = np.asarray(store.status), store.errors
+    found_now = [
+        i
+        for i in np.flatnonzero(status == STATUS_FAILED)
+        if errors[i].startswith(MISSING_PREFIX) and paths[store.video_ids[i]] is not None
     ]
-    decode = DecodeDataset(
-        [job for _, jobs in block_jobs for job in jobs],
-        policy,
-        views,
-        preprocess,
-        ex.seed,
-        ex.decode_backend,
-    )
-    encoded, frames_done = encode_blocks(
-        store, encoder, decode, block_jobs, views, ex, progress and dist.rank == 0
-    )
-    barrier(dist)
+    chunk = store.layout.chunk_videos
+    for i in found_now:
+        start = int(i) // chunk * chunk
+        todo.add((start, min(start + chunk, store.layout.n_videos)))
+    return sorted(todo)
 
-    final = store
-    if dist.rank == 0 and ex.backend == "hdf5":
-        export_hdf5(store, out)
+
+def _already_exported(out, work_path, layout, recipe, dist, start_time) -> ExtractResult:
+    """An HDF5 store is published whole: if it exists and matches this run, the work is done
+    (a run killed after publishing may have left its Zarr staging store: removed here)."""
+    final = check_matches(open_store(out), layout, recipe)
+    if dist.rank == 0 and work_path.exists():
         shutil.rmtree(work_path)
-        final = open_store(out)
-    elif dist.rank == 0:
-        final = open_store(out)
-    barrier(dist)
-    status = np.asarray(final.status)
-    errors = final.errors
-    failures = [(final.video_ids[i], errors[i]) for i in np.flatnonzero(status == 2)]
+    return _result(final, out, Tally(), time.perf_counter() - start_time, dist.rank)
+
+
+def _result(final, out: Path, tally: Tally, seconds: float, rank: int) -> ExtractResult:
+    summary = final.summary()
     return ExtractResult(
         store=out,
-        videos=len(status),
-        done=int((status == 1).sum()),
-        failed=int((status == 2).sum()),
-        encoded_now=encoded,
-        frames_now=frames_done,
-        seconds=time.perf_counter() - start_time,
-        failures=failures,
-        rank=dist.rank,
+        videos=summary.n_videos,
+        done=sum(c["done"] for c in summary.counts.values()),
+        failed=len(summary.failures),
+        missing=len(summary.missing),
+        encoded_now=tally.encoded,
+        frames_now=tally.frames,
+        failed_now=tally.failed,
+        missing_now=tally.missing,
+        seconds=seconds,
+        failures=list(summary.failures),
+        missing_ids=list(summary.missing),
+        counts=summary.counts,
+        rank=rank,
     )
 
 
@@ -186,11 +260,15 @@ def probe_layer_dims(encoder: Encoder, crop: int) -> dict[str, int]:
     return {name: int(value.shape[-1]) for name, value in encoder.taps.pop().items()}
 
 
-def encode_blocks(store, encoder, decode, block_jobs, views, ex, show: bool) -> tuple[int, int]:
+def encode_blocks(
+    store, encoder, decode, block_jobs, views, ex, show: bool, stop: StopRequest
+) -> Tally:
     """Decode blocks in workers, encode each block in the main process, write it in a thread.
 
     Three stages overlap: workers decode later blocks while the main process encodes this one
-    and a writer thread stores the previous one (writes are fsync-bound, not CPU-bound).
+    and a writer thread stores the previous one (writes are fsync-bound, not CPU-bound). A stop
+    request (SIGINT / SIGTERM) ends the loop after the current block: the blocks handed to the
+    writer are written before ``Interrupted`` leaves, so a rerun resumes after them.
     """
     blocks = BlockDataset(decode, [len(jobs) for _, jobs in block_jobs])
     loader = DataLoader(
@@ -199,21 +277,44 @@ def encode_blocks(store, encoder, decode, block_jobs, views, ex, show: bool) -> 
         collate_fn=collate_single,
         num_workers=ex.workers,
         prefetch_factor=2 if ex.workers else None,
+        worker_init_fn=_leave_signals_to_the_main_process,
     )
     bar = tqdm(total=len(decode), unit="video", disable=not show, desc="extract", smoothing=0.1)
     started = time.perf_counter()
-    encoded = frames = 0
-    with cpu_threads_beside_workers(encoder.device, ex.workers), BlockWriter(store) as writer:
-        for (block, _), decoded in zip(block_jobs, loader, strict=True):
-            rows, count = encode_block(store, encoder, block, decoded, views, ex.batch_frames)
-            writer.put(block, rows)
-            frames += count
-            encoded += len(decoded.videos)
-            bar.update(len(decoded.videos))
-            elapsed = max(time.perf_counter() - started, 1e-9)
-            bar.set_postfix(videos_s=f"{encoded / elapsed:.1f}", frames_s=f"{frames / elapsed:.0f}")
-    bar.close()
-    return encoded, frames
+    tally = Tally()
+    try:
+        with cpu_threads_beside_workers(encoder.device, ex.workers), BlockWriter(store) as writer:
+            for (block, _), decoded in zip(block_jobs, loader, strict=True):
+                rows, count, good = encode_block(
+                    store, encoder, block, decoded, views, ex.batch_frames
+                )
+                writer.put(block, rows)
+                tally.frames += count
+                tally.encoded += good
+                missing = sum(v.error.startswith(MISSING_PREFIX) for v in decoded.videos)
+                tally.missing += missing
+                tally.failed += len(decoded.videos) - good - missing
+                bar.update(len(decoded.videos))
+                elapsed = max(time.perf_counter() - started, 1e-9)
+                bar.set_postfix(
+                    videos_s=f"{tally.encoded / elapsed:.1f}",
+                    frames_s=f"{tally.frames / elapsed:.0f}",
+                )
+                stop.check(f"{tally.encoded} videos encoded in this run")
+    except Interrupted:
+        raise
+    except Exception:
+        stop.check()  # a worker ended by the same signal: report the stop, not the loader error
+        raise
+    finally:
+        bar.close()
+    return tally
+
+
+def _leave_signals_to_the_main_process(_worker: int) -> None:
+    """Ctrl-C reaches every process of the terminal: workers ignore it, the main one stops."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 @contextmanager
@@ -241,6 +342,7 @@ class BlockWriter:
         self.store = store
         self.pending: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
+        self.failed_block: tuple[int, int] = (0, 0)
         self.thread = threading.Thread(target=self._run, name="fsar-block-writer", daemon=True)
 
     def __enter__(self) -> BlockWriter:
@@ -250,6 +352,7 @@ class BlockWriter:
     def put(self, block: tuple[int, int], rows) -> None:
         self._raise_if_failed()
         self.pending.put((block, rows))
+        self._raise_if_failed()
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.pending.put(None)
@@ -258,8 +361,13 @@ class BlockWriter:
             self._raise_if_failed()
 
     def _raise_if_failed(self) -> None:
-        if self.error is not None:
-            raise RuntimeError(f"writing a block of {self.store.path} failed") from self.error
+        if self.error is None:
+            return
+        start, stop = self.failed_block
+        what = f"writing videos {start}..{stop - 1} of {self.store.path} failed"
+        if isinstance(self.error, OSError):  # disk full, permissions: the user's to fix
+            raise write_error(self.store.path, self.error, what) from self.error
+        raise RuntimeError(what) from self.error
 
     def _run(self) -> None:
         while (item := self.pending.get()) is not None:
@@ -278,14 +386,14 @@ class BlockWriter:
                     errors=rows.errors,
                 )
             except BaseException as error:  # handed to the main thread
-                self.error = error
+                self.error, self.failed_block = error, (start, stop)
 
 
 def encode_block(store, encoder, block, decoded, views, batch_frames: int):
     """Encode all views of the decoded videos of one block into the block's rows.
 
     Rows of the block not in ``decoded`` (already done) are read back and rewritten unchanged,
-    so a done video is never re-encoded. Returns (rows, number of frames encoded).
+    so a done video is never re-encoded. Returns (rows, frames encoded, videos encoded).
     """
     start, stop = block
     already_done = bool((np.asarray(store.status[start:stop]) == 1).any())
@@ -298,7 +406,7 @@ def encode_block(store, encoder, block, decoded, views, batch_frames: int):
             rows.status[row], rows.errors[row] = 2, video.error
             rows.n_frames[row], rows.frame_index[row] = 0, -1
     if not good:
-        return rows, 0
+        return rows, 0, 0
     embeddings, taps = encode_images(encoder, decoded.pixels, batch_frames)
     offset = 0
     for video in good:
@@ -315,7 +423,7 @@ def encode_block(store, encoder, block, decoded, views, batch_frames: int):
         rows.frame_index[row, :count] = video.frame_index
         rows.n_frames[row] = count
         rows.status[row], rows.errors[row] = 1, ""
-    return rows, len(decoded.pixels)
+    return rows, len(decoded.pixels), len(good)
 
 
 @torch.no_grad()
