@@ -1,5 +1,6 @@
 """The feature store: cached CLIP frame and class-text embeddings (SPEC 3)."""
 
+from fsar.cache.export import export_hdf5
 from fsar.cache.fingerprint import SCHEMA_VERSION, canonical_json, recipe_diff, recipe_fingerprint
 from fsar.cache.layout import (
     SPLITS,
@@ -16,7 +17,6 @@ from fsar.cache.store import (
     StoreMismatchError,
     StoreSummary,
     create_store,
-    export_hdf5,
     format_summary,
     open_store,
 )

@@ -14,6 +14,7 @@ process, or stage in Zarr and convert with ``export_hdf5``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import os
@@ -303,7 +304,28 @@ class Hdf5Backend:
 
     @classmethod
     def build(cls, path: Path, specs: list[ArraySpec], attrs: dict[str, Any]) -> Hdf5Backend:
-        file = h5py.File(path, "w-")
+        backend = cls(path, h5py.File(path, "w-"), writable=True)
+        try:
+            backend._create(specs, attrs)
+        except BaseException:
+            backend.abandon()
+            raise
+        return backend
+
+    def abandon(self) -> None:
+        """Close a file being given up after a failed write (then delete it).
+
+        On a full disk HDF5 cannot flush, so it cannot close, and its open handles crash the
+        process when they are freed later. Emptying the file first gives its last metadata
+        writes room, so it closes cleanly.
+        """
+        with contextlib.suppress(OSError):
+            os.truncate(self.path, 0)
+        with contextlib.suppress(Exception):  # already failing: the first error is the one to say
+            self.close()
+
+    def _create(self, specs: list[ArraySpec], attrs: dict[str, Any]) -> None:
+        file = self._file
         for spec in specs:
             if spec.dtype == "str":
                 file.create_dataset(
@@ -321,9 +343,7 @@ class Hdf5Backend:
                     fillvalue=spec.fill,
                     fletcher32=True,  # a checksum per chunk: a damaged chunk fails to read
                 )
-        backend = cls(path, file, writable=True)
-        backend.update_attrs(attrs)
-        return backend
+        self.update_attrs(attrs)
 
     def chunk_rows(self, name: str) -> int:
         ds = self._file[name]

@@ -15,10 +15,8 @@ classes/text_per_prompt float32[C, P, D]; group attributes ``fsar_schema_version
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +31,6 @@ from fsar.cache.backends import (
     open_backend,
     publish,
     staging_path,
-    write_error,
 )
 from fsar.cache.fingerprint import (
     SCHEMA_VERSION,
@@ -91,7 +88,10 @@ class FeatureStore:
                 f"{SCHEMA_VERSION}"
             )
         dims = attrs["layout"]
-        for name in ("videos/id", "videos/class_id", "videos/split", "classes/name"):
+        whole = ["videos/id", "videos/split", "classes/name"]
+        if dims["n_classes"] > 1:  # with one class, 0 (the fill value) is every video's class
+            whole.append("videos/class_id")
+        for name in whole:
             try:  # read as fill values, a lost chunk would give class 0 / no split silently
                 require_whole(self, name)
             except BaseException:
@@ -471,65 +471,6 @@ def open_store(path: Path, mode: str = "r") -> FeatureStore:
     if mode not in MODES:
         raise ValueError(f"unknown store mode {mode!r}; valid: {MODES}")
     return FeatureStore(open_backend(Path(path), writable=mode == "r+"))
-
-
-def export_hdf5(
-    src: FeatureStore,
-    dest: Path,
-    *,
-    overwrite: bool = False,
-    allow_pending: bool = False,
-    check: Callable[[], None] | None = None,
-) -> None:
-    """Copy ``src`` into an HDF5 file with identical layout and attributes.
-
-    Written to a hidden temporary file next to ``dest`` and renamed into place at the end, so
-    ``dest`` is either absent/old or complete. Refuses a source with pending videos unless
-    allow_pending, and an existing ``dest`` unless overwrite. ``check`` is called between
-    copied spans (e.g. to stop on a signal); whatever it raises removes the temporary file.
-    A write that fails for lack of space (or any OSError) raises StoreWriteError naming the file.
-    """
-    dest = Path(dest)
-    if dest.exists() and not overwrite:
-        raise FileExistsError(f"{dest} exists; pass overwrite=True or choose another path")
-    n_pending = int(np.sum(src.status == STATUS_PENDING))
-    if n_pending and not allow_pending:
-        raise ValueError(
-            f"{src.path} still has {n_pending} pending videos; finish extraction "
-            f"first or pass allow_pending=True"
-        )
-    staged = staging_path(dest)
-    out = None
-    try:
-        out = build_backend("hdf5", staged, array_specs(src.layout), src.attrs)
-        for spec in array_specs(src.layout):
-            if spec.name.startswith("classes/"):
-                out.write(spec.name, 0, src._arrays.read(spec.name))
-                continue
-            for start, stop in _spans(src.layout):
-                out.write(spec.name, start, src._arrays.read(spec.name, slice(start, stop)))
-                if check is not None:
-                    check()
-        out.close()  # flushes: a full disk shows here too, before anything is published
-        out = None
-        publish(staged, dest, overwrite=overwrite)
-    except OSError as err:
-        _close_quietly(out)
-        _remove(staged)
-        if isinstance(err, (FileExistsError, FsarError)):
-            raise
-        raise write_error(staged, err, f"exporting {src.path} to {dest} failed") from err
-    except BaseException:
-        _close_quietly(out)  # close before removing: HDF5 must not flush into a deleted file
-        _remove(staged)
-        raise
-
-
-def _close_quietly(backend: ArrayBackend | None) -> None:
-    if backend is None:
-        return
-    with contextlib.suppress(Exception):  # already failing: the first error is the one to report
-        backend.close()
 
 
 # -------------------------------------------------------------------- summary and verification

@@ -8,6 +8,7 @@ the pending blocks of the same store.
 
 from __future__ import annotations
 
+import errno
 import os
 import queue
 import shutil
@@ -33,6 +34,7 @@ from fsar.data.datasets import load_dataset
 from fsar.data.frames import parse_frame_policy
 from fsar.data.transforms import Preprocess, parse_views
 from fsar.devices import resolve_device
+from fsar.errors import FsarError
 from fsar.extract.decode import BlockDataset, DecodeDataset, VideoJob, collate_single
 from fsar.extract.distributed import (
     DistContext,
@@ -64,6 +66,10 @@ class ExtractResult:
     counts: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> status -> n
 
 
+# failures of the environment while writing: reported in one line, resumable after the fix
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 @dataclass
 class Tally:
     """What one process did in one run."""
@@ -88,6 +94,40 @@ def run_extraction(config: Config, progress: bool = True) -> ExtractResult:
         raise ConfigError("dataset.root is not set: pass --root DIR (the local copy of the videos)")
     start_time = time.perf_counter()
     dist = init_distributed()
+    out = Path(ex.out)
+    work_path = staging_path(out) if ex.backend == "hdf5" else out
+    # the lock comes first: a second writer is refused before it loads a model
+    with stop_on_signals() as stop, sole_writer(out, work_path, dist):
+        try:
+            return _extract(config, dist, out, work_path, stop, progress, start_time)
+        except OSError as err:  # creating the store, writing class text: the disk, not a bug
+            if isinstance(err, FsarError) or err.errno not in WRITE_ERRNOS:
+                raise
+            raise write_error(out, err, f"writing {out} failed") from err
+
+
+@contextmanager
+def sole_writer(out: Path, work_path: Path, dist: DistContext):
+    """Rank 0 holds the store's writer lock for the block (the job's other ranks share it) and
+    removes what killed runs left behind; every rank raises StoreLockedError if it is held."""
+    with ExitStack() as held:
+        refusal = None
+        if dist.rank == 0:
+            try:
+                held.enter_context(writer_lock(out))
+            except StoreLockedError as err:
+                refusal = str(err)
+            else:
+                remove_leftovers(out)
+                remove_leftovers(work_path)
+        refusal = broadcast_from_rank0(dist, refusal)
+        if refusal:
+            raise StoreLockedError(refusal)
+        yield
+
+
+def _extract(config, dist, out, work_path, stop: StopRequest, progress, start_time):
+    ex = config.extract
     device = resolve_device(ex.device)
     if device.type == "cuda" and dist.world_size > 1:
         device = torch.device("cuda", dist.local_rank)
@@ -124,76 +164,59 @@ def run_extraction(config: Config, progress: bool = True) -> ExtractResult:
         chunk_videos=ex.chunk_videos,
     )
 
-    out = Path(ex.out)
-    work_path = staging_path(out) if ex.backend == "hdf5" else out
-    with stop_on_signals() as stop, ExitStack() as held:
-        refusal = None
-        if dist.rank == 0:  # one writer per store; the ranks of this job share it
-            try:
-                held.enter_context(writer_lock(out))
-            except StoreLockedError as err:
-                refusal = str(err)
-            else:
-                remove_leftovers(out)
-                remove_leftovers(work_path)
-        refusal = broadcast_from_rank0(dist, refusal)
-        if refusal:
-            raise StoreLockedError(refusal)
-        stop.check()
-        if ex.backend == "hdf5" and out.exists():  # exported by an earlier (perhaps killed) run
-            return _already_exported(out, work_path, layout, recipe, dist, start_time)
-        if dist.rank == 0:  # one process creates (or checks) the store, the others then open it
-            store = create_store(work_path, layout, recipe, backend="zarr")
-        barrier(dist)
-        if dist.rank != 0:
-            store = create_store(work_path, layout, recipe, backend="zarr")
+    stop.check()
+    if ex.backend == "hdf5" and out.exists():  # exported by an earlier (perhaps killed) run
+        return _already_exported(out, work_path, layout, recipe, dist, start_time)
+    if dist.rank == 0:  # one process creates (or checks) the store, the others then open it
+        store = create_store(work_path, layout, recipe, backend="zarr")
+    barrier(dist)
+    if dist.rank != 0:
+        store = create_store(work_path, layout, recipe, backend="zarr")
 
-        if dist.rank == 0 and not store.has_text:
-            text = encode_class_names(
-                encoder.model, encoder.tokenizer, dataset.class_names, templates
-            )
-            store.write_classes(text.mean(dim=1).numpy(), text.numpy())
-        stop.check()
+    if dist.rank == 0 and not store.has_text:
+        text = encode_class_names(encoder.model, encoder.tokenizer, dataset.class_names, templates)
+        store.write_classes(text.mean(dim=1).numpy(), text.numpy())
+    stop.check()
 
-        paths = {item.video_id: item.path for item in dataset.items}
-        pending = blocks_to_do(store, paths, ex.retry_failed)
-        # Every rank must split the same pending list: no rank writes before all have read it.
-        barrier(dist)
-        my_blocks = assign_blocks(pending, dist.rank, dist.world_size)
-        status = np.asarray(store.status)
-        block_jobs = [
-            (
-                block,
-                [
-                    VideoJob(i, store.video_ids[i], _path_or_none(paths[store.video_ids[i]]))
-                    for i in range(block[0], block[1])
-                    if status[i] != 1
-                ],
-            )
-            for block in my_blocks
-        ]
-        decode = DecodeDataset(
-            [job for _, jobs in block_jobs for job in jobs],
-            policy,
-            views,
-            preprocess,
-            ex.seed,
-            ex.decode_backend,
+    paths = {item.video_id: item.path for item in dataset.items}
+    pending = blocks_to_do(store, paths, ex.retry_failed)
+    # Every rank must split the same pending list: no rank writes before all have read it.
+    barrier(dist)
+    my_blocks = assign_blocks(pending, dist.rank, dist.world_size)
+    status = np.asarray(store.status)
+    block_jobs = [
+        (
+            block,
+            [
+                VideoJob(i, store.video_ids[i], _path_or_none(paths[store.video_ids[i]]))
+                for i in range(block[0], block[1])
+                if status[i] != 1
+            ],
         )
-        tally = encode_blocks(
-            store, encoder, decode, block_jobs, views, ex, progress and dist.rank == 0, stop
-        )
-        barrier(dist)
+        for block in my_blocks
+    ]
+    decode = DecodeDataset(
+        [job for _, jobs in block_jobs for job in jobs],
+        policy,
+        views,
+        preprocess,
+        ex.seed,
+        ex.decode_backend,
+    )
+    tally = encode_blocks(
+        store, encoder, decode, block_jobs, views, ex, progress and dist.rank == 0, stop
+    )
+    barrier(dist)
 
-        final = store
-        if dist.rank == 0 and ex.backend == "hdf5":
-            export_hdf5(store, out, check=stop.check)
-            shutil.rmtree(work_path)
-            final = open_store(out)
-        elif dist.rank == 0:
-            final = open_store(out)
-        barrier(dist)
-        return _result(final, out, tally, time.perf_counter() - start_time, dist.rank)
+    final = store
+    if dist.rank == 0 and ex.backend == "hdf5":
+        export_hdf5(store, out, check=stop.check)
+        shutil.rmtree(work_path)
+        final = open_store(out)
+    elif dist.rank == 0:
+        final = open_store(out)
+    barrier(dist)
+    return _result(final, out, tally, time.perf_counter() - start_time, dist.rank)
 
 
 def blocks_to_do(store, paths: dict, retry_failed: bool) -> list[tuple[int, int]]:
