@@ -63,6 +63,7 @@ def assert_one_line(result, code: int, *needles: str) -> None:
         assert needle in errors[0], (needle, result.stderr)
 
 
+@pytest.mark.slow
 # ------------------------------------------------------------------------ one writer per store
 @pytest.mark.parametrize("suffix,backend", [(".zarr", "zarr"), (".h5", "hdf5")])
 def test_a_second_writer_is_refused_and_leftovers_of_killed_runs_are_cleaned(
@@ -130,6 +131,7 @@ def test_a_held_lock_refuses_and_a_released_one_is_taken(tmp_path):
     assert not lock_path(out).exists()
 
 
+@pytest.mark.slow
 def test_an_hdf5_run_killed_right_after_publishing_is_finished_by_the_rerun(
     video_root, reference, tmp_path, monkeypatch
 ):
@@ -222,6 +224,7 @@ def test_a_full_disk_during_extraction_is_one_line_and_the_rerun_finishes(
     assert_same_store(out, reference)
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_the_hdf5_export_publishes_nothing_and_the_rerun_exports(
     video_root, reference, tmp_path, monkeypatch
 ):
@@ -286,6 +289,7 @@ def test_a_really_full_disk_is_one_line_and_the_rerun_after_freeing_space_finish
     assert_same_store(out, reference)
 
 
+@pytest.mark.slow
 # ------------------------------------------------------------------------ partial datasets
 def test_missing_videos_are_counted_per_split_apart_from_failures_and_added_later(
     video_root, tmp_path

@@ -34,19 +34,14 @@ def pristine(tmp_path_factory) -> Path:
         frames_jitter=1, size=32,
     )  # fmt: skip
     render_demo_dataset(base / "videos", spec)
-    config = load_config(
-        [],
-        [
-            "dataset.name=demo",
-            f"dataset.root={base / 'videos'}",
-            "model.name=fsar-tiny-vit",
-            f"extract.out={base / 'store.zarr'}",
-            "extract.workers=0",
-            f"extract.chunk_videos={CHUNK}",
-        ],
-    )
-    run_extraction(config, progress=False)
+    run_extraction(demo_config(base / "videos", base / "store.zarr"), progress=False)
     return base / "store.zarr"
+
+
+def demo_config(root: Path, out: Path):
+    keys = ["dataset.name=demo", f"dataset.root={root}", "model.name=fsar-tiny-vit",
+            f"extract.out={out}", "extract.workers=0", f"extract.chunk_videos={CHUNK}"]  # fmt: skip
+    return load_config([], keys)
 
 
 @pytest.fixture
@@ -116,6 +111,18 @@ def test_a_deleted_chunk_of_test_videos_refuses_eval_instead_of_reading_fill_val
     chunk_file(copy, array, row).unlink()
     result = eval_store(copy, tmp_path)
     assert_one_line_refusal(result, str(copy), array, "missing", "fsar cache verify")
+
+
+def test_rerunning_the_extraction_re_encodes_the_blocks_of_deleted_chunks(copy, pristine):
+    from .conftest import assert_same_store
+
+    rows = open_store(copy).split_indices("test")
+    chunk_file(copy, "features/center", int(rows[0])).unlink()
+    chunk_file(copy, "videos/status", int(rows[CHUNK])).unlink()
+    result = run_extraction(demo_config(pristine.parent / "videos", copy), progress=False)
+    assert result.encoded_now == 2 * CHUNK
+    assert_same_store(copy, pristine)
+    assert open_store(copy).verify() == []
 
 
 @pytest.mark.slow

@@ -62,7 +62,13 @@ def require_whole(store: FeatureStore, name: str) -> None:
 
 def checked_status(store: FeatureStore) -> np.ndarray:
     """videos/status, refusing missing chunks and values other than 0, 1, 2 (uint8 [N])."""
-    require_whole(store, "videos/status")
+    missing = store._arrays.missing_chunks("videos/status")
+    if missing:
+        raise StoreReadError(
+            f"{store.path}: videos/status has missing chunk(s) (videos {_ranges(missing)}; "
+            "deleted?), so whether those videos are extracted is unknown: rerun the same "
+            f"`fsar extract` command to redo them; {verify_hint(store.path)}"
+        )
     status = store._arrays.read("videos/status")
     bad = ~np.isin(status, STATUS_VALUES)
     if bad.any():
@@ -84,7 +90,8 @@ def require_rows(store: FeatureStore, names: Sequence[str], rows: np.ndarray, wh
             raise DamagedStoreError(
                 f"{store.path}: {name} chunk(s) of {len(ids)} done {what} video(s) are missing "
                 f"(videos {_ranges(missing)}; deleted?): {name_some(ids)}; refusing to load "
-                f"them: {verify_hint(store.path)}"
+                f"them: rerun the same `fsar extract` command to re-encode them; "
+                f"{verify_hint(store.path)}"
             )
 
 
@@ -123,6 +130,16 @@ def require_frame_counts(store: FeatureStore, n_frames: np.ndarray, rows: np.nda
             f"{store.path}: videos/n_frames lies outside 1..T_cap={store.layout.t_cap} for "
             f"{len(ids)} done {what} video(s): {name_some(ids)}; {verify_hint(store.path)}"
         )
+
+
+def blocks_missing_chunks(store: FeatureStore) -> list[tuple[int, int]]:
+    """Blocks holding done videos whose data chunk files are gone (to be re-encoded)."""
+    lay, arrays = store.layout, store._arrays
+    done = np.flatnonzero(store.status == STATUS_DONE)
+    names = ["videos/n_frames", "videos/frame_index", *(f"features/{v}" for v in lay.views)]
+    names += [f"layers/{v}/{k}" for v in lay.views for k in lay.layer_dims]
+    damaged = {block for name in names for block in arrays.missing_chunks(name, done)}
+    return sorted(damaged)
 
 
 # ------------------------------------------------------------------------ fsar cache verify

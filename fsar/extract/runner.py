@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from fsar.cache import StoreLayout, assign_blocks, create_store, export_hdf5, open_store
 from fsar.cache.backends import write_error
+from fsar.cache.integrity import blocks_missing_chunks
 from fsar.cache.layout import MISSING_PREFIX, STATUS_FAILED
 from fsar.cache.lock import StoreLockedError, remove_leftovers, writer_lock
 from fsar.cache.store import check_matches
@@ -178,6 +179,10 @@ def _extract(config, dist, out, work_path, stop: StopRequest, progress, start_ti
         store.write_classes(text.mean(dim=1).numpy(), text.numpy())
     stop.check()
 
+    if dist.rank == 0:  # a deleted data chunk of done videos: encode its block again
+        for start, stop_row in blocks_missing_chunks(store):
+            store.mark_pending(start, stop_row)
+    barrier(dist)
     paths = {item.video_id: item.path for item in dataset.items}
     pending = blocks_to_do(store, paths, ex.retry_failed)
     # Every rank must split the same pending list: no rank writes before all have read it.
