@@ -158,14 +158,20 @@ def test_an_hdf5_run_killed_right_after_publishing_is_finished_by_the_rerun(
 
 # ------------------------------------------------------------------------ interrupts
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize(
+    "signum,workers",
+    [(signal.SIGINT, 0), (signal.SIGTERM, 0), (signal.SIGINT, 1), (signal.SIGTERM, 1)],
+)
 def test_a_signal_stops_at_a_block_boundary_and_the_rerun_finishes_bitwise(
-    video_root, reference, tmp_path, signum
+    video_root, reference, tmp_path, signum, workers
 ):
+    """The signal goes to the whole process group, decode workers included, as a terminal's
+    Ctrl-C or a scheduler's SIGTERM does."""
     out = tmp_path / "store.zarr"
-    run = subprocess.Popen([sys.executable, "-m", "fsar", *extract_args(video_root, out)],
-                           cwd=REPO, env={**os.environ, **ENV}, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)  # fmt: skip
+    args = extract_args(video_root, out, f"extract.workers={workers}")
+    run = subprocess.Popen([sys.executable, "-m", "fsar", *args], cwd=REPO,
+                           env={**os.environ, **ENV}, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
     deadline = time.time() + 120
     while run.poll() is None and time.time() < deadline:
         try:
@@ -174,14 +180,14 @@ def test_a_signal_stops_at_a_block_boundary_and_the_rerun_finishes_bitwise(
         except Exception:  # noqa: BLE001 - not created yet
             pass
         time.sleep(0.01)
-    run.send_signal(signum)
+    os.killpg(run.pid, signum)
     stdout, stderr = run.communicate()
     status = open_store(out).status
     assert (status == 0).any(), "the run finished before the signal"
     assert "Traceback" not in stderr, stderr
     assert "interrupted: rerun the same command to resume" in stderr
     assert run.returncode == 128 + signum  # needs cli.main to return Interrupted.exit_code
-    result = run_fsar(*extract_args(video_root, out), env=ENV)
+    result = run_fsar(*args, env=ENV)
     assert encoded(result.stdout) > 0
     assert_same_store(out, reference)
     assert run_fsar("cache", "verify", str(out)).returncode == 0

@@ -340,9 +340,11 @@ def encode_blocks(
 
 
 def _leave_signals_to_the_main_process(_worker: int) -> None:
-    """Ctrl-C reaches every process of the terminal: workers ignore it, the main one stops."""
+    """Ctrl-C reaches every process of the terminal and a scheduler's SIGTERM every process of
+    the job. The main process decides when to stop: workers ignore SIGINT and leave quietly on
+    SIGTERM (a worker killed by a signal makes torch raise from a signal handler, anywhere)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
 
 
 @contextmanager
