@@ -21,17 +21,35 @@ def extract(config: Config) -> int:
 
 
 def format_extract_result(result) -> str:
+    """What an extraction did: the store's state per split, then what this run encoded."""
     rate = result.frames_now / result.seconds if result.seconds else 0.0
     lines = [
-        f"store {result.store}: {result.done}/{result.videos} videos done, {result.failed} failed",
-        f"this run encoded {result.encoded_now} videos / {result.frames_now} frames "
-        f"in {result.seconds:.1f} s ({rate:.0f} frames/s including start-up)",
+        f"store {result.store}: {result.done}/{result.videos} videos done, {result.failed} failed "
+        f"to decode, {result.missing} missing from --root"
     ]
+    for split, c in result.counts.items():
+        listed = sum(c.values())
+        lines.append(
+            f"  {split:<6} {listed} listed: {listed - c['missing']} found, {c['missing']} "
+            f"missing; {c['done']} done, {c['failed']} failed, {c['pending']} pending"
+        )
+    lines.append(
+        f"this run encoded {result.encoded_now} videos / {result.frames_now} frames "
+        f"in {result.seconds:.1f} s ({rate:.0f} frames/s including start-up); "
+        f"{result.failed_now} failed to decode, {result.missing_now} missing"
+    )
     if result.failures:
         lines.append("failed videos (see `fsar cache info`):")
         lines += [f"  {video_id}: {reason}" for video_id, reason in result.failures[:20]]
         if len(result.failures) > 20:
             lines.append(f"  ... and {len(result.failures) - 20} more")
+    if result.missing_ids:
+        shown = ", ".join(result.missing_ids[:5])
+        more = f" and {len(result.missing_ids) - 5} more" if len(result.missing_ids) > 5 else ""
+        lines.append(
+            f"missing from --root: {shown}{more} (`fsar cache info {result.store}` lists them; "
+            "copy them in and rerun to add them)"
+        )
     return "\n".join(lines)
 
 
@@ -80,8 +98,15 @@ def splits(command: str, args: argparse.Namespace) -> int:
 
 def cache(command: str, path: Path) -> int:
     from fsar.cache import format_summary, open_store
+    from fsar.cache.backends import StoreReadError
 
-    store = open_store(path)
+    try:
+        store = open_store(path)
+    except StoreReadError as err:
+        if command == "info":
+            raise
+        print(f"{path}: 1 problem(s)\n  - {err}")
+        return 1
     if command == "info":
         print(format_summary(store.summary()))
         return 0

@@ -1,6 +1,9 @@
 """The feature store: cached CLIP frame and class-text embeddings (SPEC 3)."""
 
+from fsar.cache.backends import StoreReadError, StoreWriteError
+from fsar.cache.export import export_hdf5
 from fsar.cache.fingerprint import SCHEMA_VERSION, canonical_json, recipe_diff, recipe_fingerprint
+from fsar.cache.integrity import DamagedStoreError
 from fsar.cache.layout import (
     SPLITS,
     STATUS_DONE,
@@ -16,7 +19,6 @@ from fsar.cache.store import (
     StoreMismatchError,
     StoreSummary,
     create_store,
-    export_hdf5,
     format_summary,
     open_store,
 )
@@ -28,9 +30,12 @@ __all__ = [
     "STATUS_FAILED",
     "STATUS_PENDING",
     "BlockData",
+    "DamagedStoreError",
     "FeatureStore",
     "StoreLayout",
     "StoreMismatchError",
+    "StoreReadError",
+    "StoreWriteError",
     "StoreSummary",
     "assign_blocks",
     "canonical_json",

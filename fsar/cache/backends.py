@@ -14,6 +14,7 @@ process, or stage in Zarr and convert with ``export_hdf5``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import os
@@ -30,10 +31,67 @@ from zarr.core.sync import sync as zarr_sync
 from zarr.storage import LocalStore
 
 from fsar.cache.layout import ArraySpec
-from fsar.errors import StoreError
+from fsar.errors import FsarError, StoreError
 
 BACKENDS = ("zarr", "hdf5")
 Rows = slice | np.ndarray | None  # None = all rows; an array must be sorted and unique
+# Zarr skips writing a chunk equal to the fill value by default, so a deleted chunk could not be
+# told from one never written; fsar writes every chunk it is given and treats a missing chunk
+# of written rows as damage.
+ZARR_CONFIG = {"write_empty_chunks": True}
+
+
+class StoreReadError(FsarError, OSError):
+    """A store (or one chunk of one array) cannot be read: truncated, corrupted or deleted."""
+
+
+class StoreWriteError(FsarError, OSError):
+    """Writing a store failed for a reason of the environment (disk full, permissions)."""
+
+
+def verify_hint(path: Path) -> str:
+    return f"run `fsar cache verify {path}` to list every problem"
+
+
+def _rows_of(rows: Rows, n: int) -> np.ndarray:
+    if rows is None:
+        return np.arange(n)
+    if isinstance(rows, slice):
+        return np.arange(n)[rows]
+    return np.asarray(rows, dtype=np.int64)
+
+
+def _read_error(path: Path, what: str, err: Exception) -> StoreReadError:
+    reason = f"{type(err).__name__}: {err}".replace("\n", " ")
+    return StoreReadError(
+        f"{path}: cannot read {what}: {reason}; the store is damaged: {verify_hint(path)}"
+    )
+
+
+def _locate_read_error(backend, name: str, rows: Rows, err: Exception) -> Exception:
+    """Read the requested rows chunk by chunk to name the first chunk that fails."""
+    n, k = backend.shape(name)[0], backend.chunk_rows(name)
+    for chunk in np.unique(_rows_of(rows, n) // k) if n else []:
+        first, stop = int(chunk) * k, min(int(chunk + 1) * k, n)
+        try:
+            backend._raw_read(name, slice(first, stop))
+        except Exception as inner:  # noqa: BLE001 - the chunk we are looking for
+            unit = "rows" if name.startswith("classes/") else "videos"
+            what = f"{name} chunk {int(chunk)} ({unit} {first}..{stop - 1})"
+            return _read_error(backend.path, what, inner)
+    return _read_error(backend.path, name, err)
+
+
+def write_error(path: Path, err: OSError, what: str) -> StoreWriteError:
+    """One line for an OSError while writing: the file, the reason, and that a rerun resumes."""
+    where = err.filename or path
+    reason = err.strerror or str(err).replace("\n", " ")
+    error = StoreWriteError(
+        f"{what}: {where}: {reason}; free space (or fix permissions) and rerun the same command "
+        f"to resume"
+    )
+    error.errno = err.errno
+    return error
 
 
 class ArrayBackend(Protocol):
@@ -49,6 +107,8 @@ class ArrayBackend(Protocol):
     def shape(self, name: str) -> tuple[int, ...]: ...
     def dtype(self, name: str) -> str: ...
     def has(self, name: str) -> bool: ...
+    def chunk_rows(self, name: str) -> int: ...
+    def missing_chunks(self, name: str, rows: Rows = None) -> list[tuple[int, int]]: ...
     def attrs(self) -> dict[str, Any]: ...
     def update_attrs(self, values: dict[str, Any]) -> None: ...
     def flush(self) -> None: ...
@@ -66,6 +126,11 @@ def _durable_put(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if err.filename is None:  # a failed write() names no file: say which one
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -123,16 +188,40 @@ class ZarrBackend:
                 dtype=str if spec.dtype == "str" else spec.dtype,
                 fill_value=spec.fill,
                 compressors=ZstdCodec(level=1, checksum=True),
+                config=ZARR_CONFIG,
             )
         group.attrs.update(attrs)
         return cls(path, group, writable=True)
 
     def _array(self, name: str) -> zarr.Array:
         if name not in self._arrays:
-            self._arrays[name] = self._group[name]
+            self._arrays[name] = self._group[name].with_config(ZARR_CONFIG)
         return self._arrays[name]
 
+    def chunk_rows(self, name: str) -> int:
+        return int(self._array(name).chunks[0])
+
+    def missing_chunks(self, name: str, rows: Rows = None) -> list[tuple[int, int]]:
+        """Row ranges ``[start, stop)`` of the chunks holding ``rows`` that have no file."""
+        arr = self._array(name)
+        n, k = arr.shape[0], arr.chunks[0]
+        tail = (0,) * (arr.ndim - 1)
+        missing = []
+        for chunk in np.unique(_rows_of(rows, n) // k) if n else []:
+            key = arr.metadata.encode_chunk_key((int(chunk), *tail))
+            if not (self.path / name / key).is_file():
+                missing.append((int(chunk) * k, min(int(chunk + 1) * k, n)))
+        return missing
+
     def read(self, name: str, rows: Rows = None) -> np.ndarray:
+        try:
+            return self._raw_read(name, rows)
+        except (KeyError, IndexError, TypeError):
+            raise
+        except Exception as err:  # noqa: BLE001 - codec and I/O errors of a damaged chunk
+            raise _locate_read_error(self, name, rows, err) from err
+
+    def _raw_read(self, name: str, rows: Rows = None) -> np.ndarray:
         arr = self._array(name)
         if rows is None:
             out = arr[...]
@@ -208,11 +297,35 @@ class Hdf5Backend:
 
     @classmethod
     def open(cls, path: Path, writable: bool) -> Hdf5Backend:
-        return cls(path, h5py.File(path, "r+" if writable else "r"), writable)
+        try:
+            return cls(path, h5py.File(path, "r+" if writable else "r"), writable)
+        except OSError as err:  # truncated or damaged file
+            raise _read_error(path, "the HDF5 file", err) from err
 
     @classmethod
     def build(cls, path: Path, specs: list[ArraySpec], attrs: dict[str, Any]) -> Hdf5Backend:
-        file = h5py.File(path, "w-")
+        backend = cls(path, h5py.File(path, "w-"), writable=True)
+        try:
+            backend._create(specs, attrs)
+        except BaseException:
+            backend.abandon()
+            raise
+        return backend
+
+    def abandon(self) -> None:
+        """Close a file being given up after a failed write (then delete it).
+
+        On a full disk HDF5 cannot flush, so it cannot close, and its open handles crash the
+        process when they are freed later. Emptying the file first gives its last metadata
+        writes room, so it closes cleanly.
+        """
+        with contextlib.suppress(OSError):
+            os.truncate(self.path, 0)
+        with contextlib.suppress(Exception):  # already failing: the first error is the one to say
+            self.close()
+
+    def _create(self, specs: list[ArraySpec], attrs: dict[str, Any]) -> None:
+        file = self._file
         for spec in specs:
             if spec.dtype == "str":
                 file.create_dataset(
@@ -228,12 +341,27 @@ class Hdf5Backend:
                     chunks=spec.chunks,
                     dtype=spec.dtype,
                     fillvalue=spec.fill,
+                    fletcher32=True,  # a checksum per chunk: a damaged chunk fails to read
                 )
-        backend = cls(path, file, writable=True)
-        backend.update_attrs(attrs)
-        return backend
+        self.update_attrs(attrs)
+
+    def chunk_rows(self, name: str) -> int:
+        ds = self._file[name]
+        return int(ds.chunks[0]) if ds.chunks else max(int(ds.shape[0]), 1)
+
+    def missing_chunks(self, name: str, rows: Rows = None) -> list[tuple[int, int]]:
+        """Always empty: chunks of one file cannot go missing one by one (damage fails reads)."""
+        return []
 
     def read(self, name: str, rows: Rows = None) -> np.ndarray:
+        try:
+            return self._raw_read(name, rows)
+        except (KeyError, IndexError, TypeError):
+            raise
+        except Exception as err:  # noqa: BLE001 - checksum and I/O errors of a damaged file
+            raise _locate_read_error(self, name, rows, err) from err
+
+    def _raw_read(self, name: str, rows: Rows = None) -> np.ndarray:
         ds = self._file[name]
         view = ds.asstr() if ds.dtype.kind == "O" else ds
         if rows is None or isinstance(rows, slice):

@@ -2,7 +2,10 @@
 
 Sampling a batch of episodes from a bank is index arithmetic and one gather; nothing is read
 from disk after loading. Only videos marked done are loaded: failed or pending ones are counted
-in ``skipped`` and never sampled.
+in ``skipped`` and never sampled. Loading checks what it loads (``fsar.cache.integrity``): a
+missing or unreadable chunk, a status outside 0/1/2, a frame count outside 1..T_cap or a
+non-finite value in a loaded row refuses the whole load with one line naming the store, the
+array and the videos, instead of becoming a wrong accuracy.
 """
 
 from __future__ import annotations
@@ -13,6 +16,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fsar.cache.integrity import (
+    checked_status,
+    require_finite,
+    require_frame_counts,
+    require_rows,
+    require_whole,
+)
+from fsar.cache.layout import STATUS_DONE
 from fsar.cache.store import FeatureStore
 from fsar.errors import FsarError
 
@@ -121,31 +132,55 @@ def load_bank(
             f"{store.path} holds no {split!r} videos (splits present: {present}); extract the "
             f"store with dataset.splits including {split}, or pick another split"
         )
-    rows = store.split_indices(split, done_only=True)
+    status = checked_status(store)
+    rows = np.flatnonzero((store.splits == split) & (status == STATUS_DONE))
     if rows.size == 0:
         raise BankError(
             f"none of the {in_split.size} {split!r} videos in {store.path} is extracted: "
             "finish the extraction (rerun the same fsar extract command) first"
         )
     device = torch.device(device)
+    what = repr(split)
+    feature_names = [f"features/{view}" for view in views]
+    layer_names = [f"layers/{view}/{name}" for view in views for name in layers]
+    require_rows(store, ["videos/n_frames", *feature_names, *layer_names], rows, what)
+    n_frames = store._arrays.read("videos/n_frames", rows)
+    require_frame_counts(store, n_frames, rows, what)
 
     def load(values: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(values)).to(device)
 
+    def checked(name: str, values: np.ndarray) -> torch.Tensor:
+        tensor = load(values)
+        require_finite(store, name, tensor, rows, what)  # on the device: fast on a GPU
+        return tensor
+
+    require_whole(store, "classes/text")
+    class_text = store.class_text.astype(np.float32)
+    if not np.isfinite(class_text).all():
+        raise BankError(
+            f"{store.path}: classes/text holds non-finite values; run `fsar cache verify "
+            f"{store.path}` to list every problem"
+        )
     return FeatureBank(
         split=split,
         video_ids=tuple(store.video_ids[i] for i in rows),
         store_rows=rows,
-        features={view: load(store.read_features(view, rows)) for view in views},
+        features={
+            view: checked(f"features/{view}", store.read_features(view, rows)) for view in views
+        },
         layers={
-            view: {name: load(store.read_layer(view, name, rows)) for name in layers}
+            view: {
+                name: checked(f"layers/{view}/{name}", store.read_layer(view, name, rows))
+                for name in layers
+            }
             for view in views
         }
         if layers
         else {},
-        n_frames=load(store.n_frames[rows].astype(np.int64)),
+        n_frames=load(n_frames.astype(np.int64)),
         class_ids=load(store.class_ids[rows].astype(np.int64)),
-        class_text=load(store.class_text.astype(np.float32)),
+        class_text=load(class_text),
         class_names=tuple(store.class_names),
         fingerprint=store.fingerprint,
         skipped=int(in_split.size - rows.size),

@@ -16,6 +16,10 @@ import numpy as np
 SPLITS = ("train", "val", "test")  # valid values of videos/split
 FEATURE_DTYPES = ("float16", "float32")  # dtypes of features/* and layers/*
 STATUS_PENDING, STATUS_DONE, STATUS_FAILED = 0, 1, 2  # values of videos/status
+# A listed video whose file is not in the local copy is failed with an error starting with this
+# prefix (written by fsar.extract.decode), so counts can tell "missing" from "failed to decode"
+# without a fourth status value that older readers would not know.
+MISSING_PREFIX = "missing:"
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,9 @@ from fsar.cache.fingerprint import (
     recipe_diff,
     recipe_fingerprint,
 )
+from fsar.cache.integrity import require_whole, verify_store
 from fsar.cache.layout import (
+    MISSING_PREFIX,
     SPLITS,
     STATUS_DONE,
     STATUS_FAILED,
@@ -87,6 +89,15 @@ class FeatureStore:
                 f"{SCHEMA_VERSION}"
             )
         dims = attrs["layout"]
+        whole = ["videos/id", "videos/split", "classes/name"]
+        if dims["n_classes"] > 1:  # with one class, 0 (the fill value) is every video's class
+            whole.append("videos/class_id")
+        for name in whole:
+            try:  # read as fill values, a lost chunk would give class 0 / no split silently
+                require_whole(self, name)
+            except BaseException:
+                arrays.close()
+                raise
         self.layout = StoreLayout(
             video_ids=tuple(arrays.read("videos/id")),
             class_ids=tuple(int(c) for c in arrays.read("videos/class_id")),
@@ -377,7 +388,7 @@ class FeatureStore:
 
     def verify(self) -> list[str]:
         """Problems found by reading every array (empty list = store complete and sound)."""
-        return _verify(self)
+        return verify_store(self, _spans(self.layout))
 
     def close(self) -> None:
         self._arrays.close()
@@ -417,8 +428,13 @@ def _reopen(path: Path, layout: StoreLayout, recipe: dict[str, Any], backend: st
             f"{path} is an existing {kind} store but backend={backend!r} "
             f"was requested; use a new --out path or --backend {kind}"
         )
-    store = open_store(path, "r+")
-    lines = []
+    return check_matches(open_store(path, "r+"), layout, recipe)
+
+
+def check_matches(store: FeatureStore, layout: StoreLayout, recipe: dict[str, Any]) -> FeatureStore:
+    """``store`` itself when it was built with ``recipe`` and ``layout``; else StoreMismatchError
+    naming every difference (the store is closed)."""
+    path, lines = store.path, []
     if store.fingerprint != recipe_fingerprint(recipe):
         lines += [f"recipe {line}" for line in recipe_diff(store.recipe, recipe)] or [
             f"fingerprint: {store.fingerprint} (store) vs {recipe_fingerprint(recipe)} (requested)"
@@ -458,6 +474,8 @@ def create_store(
         arrays.write("videos/class_id", 0, np.asarray(layout.class_ids, dtype=np.int32))
         arrays.write("videos/split", 0, np.array(layout.splits, dtype=object))
         arrays.write("classes/name", 0, np.array(layout.class_names, dtype=object))
+        # every status chunk exists from the start, so a missing one is damage, not "pending"
+        arrays.write("videos/status", 0, np.zeros(layout.n_videos, dtype=np.uint8))
         arrays.close()
         publish(staged, path)
     except FileExistsError:  # another process published first
@@ -483,42 +501,6 @@ def open_store(path: Path, mode: str = "r") -> FeatureStore:
     return FeatureStore(open_backend(Path(path), writable=mode == "r+"))
 
 
-def export_hdf5(
-    src: FeatureStore, dest: Path, *, overwrite: bool = False, allow_pending: bool = False
-) -> None:
-    """Copy ``src`` into an HDF5 file with identical layout and attributes.
-
-    Written to a hidden temporary file next to ``dest`` and renamed into place at the end, so
-    ``dest`` is either absent/old or complete. Refuses a source with pending videos unless
-    allow_pending, and an existing ``dest`` unless overwrite.
-    """
-    dest = Path(dest)
-    if dest.exists() and not overwrite:
-        raise FileExistsError(f"{dest} exists; pass overwrite=True or choose another path")
-    n_pending = int(np.sum(src.status == STATUS_PENDING))
-    if n_pending and not allow_pending:
-        raise ValueError(
-            f"{src.path} still has {n_pending} pending videos; finish extraction "
-            f"first or pass allow_pending=True"
-        )
-    staged = staging_path(dest)
-    try:
-        out = build_backend("hdf5", staged, array_specs(src.layout), src.attrs)
-        for spec in array_specs(src.layout):
-            if spec.name.startswith("classes/"):
-                out.write(spec.name, 0, src._arrays.read(spec.name))
-                continue
-            if not src._arrays.has(spec.name):  # an older store: the fill value stands
-                continue
-            for start, stop in _spans(src.layout):
-                out.write(spec.name, start, src._arrays.read(spec.name, slice(start, stop)))
-        out.close()
-        publish(staged, dest, overwrite=overwrite)
-    except BaseException:
-        _remove(staged)
-        raise
-
-
 # -------------------------------------------------------------------- summary and verification
 STATUS_NAMES = {STATUS_PENDING: "pending", STATUS_DONE: "done", STATUS_FAILED: "failed"}
 
@@ -531,8 +513,9 @@ class StoreSummary:
     backend: str
     n_videos: int
     n_classes: int
-    counts: dict[str, dict[str, int]]  # split -> {"pending": n, "done": n, "failed": n}
-    failures: tuple[tuple[str, str], ...]  # (video id, error) of every failed video
+    counts: dict[str, dict[str, int]]  # split -> {"pending", "done", "failed", "missing": n}
+    failures: tuple[tuple[str, str], ...]  # (video id, error) of every video failed to decode
+    missing: tuple[str, ...]  # ids of the listed videos not found in the local copy
     frames_cached: int  # sum of n_frames over done videos
     t_cap: int
     feature_dim: int
@@ -550,16 +533,21 @@ class StoreSummary:
 
 def _summarize(store: FeatureStore) -> StoreSummary:
     status, splits, lay, attrs = store.status, store.splits, store.layout, store.attrs
+    errors = store.errors
+    missing = np.array([e.startswith(MISSING_PREFIX) for e in errors], dtype=bool)
+    missing &= status == STATUS_FAILED
     counts = {
         split: {
-            name: int(np.sum((splits == split) & (status == code)))
-            for code, name in STATUS_NAMES.items()
+            **{
+                name: int(np.sum((splits == split) & (status == code) & ~missing))
+                for code, name in STATUS_NAMES.items()
+            },
+            "missing": int(np.sum((splits == split) & missing)),
         }
         for split in SPLITS
         if np.any(splits == split)
     }
-    errors = store.errors
-    failed = np.flatnonzero(status == STATUS_FAILED)
+    failed = np.flatnonzero((status == STATUS_FAILED) & ~missing)
     return StoreSummary(
         path=str(store.path),
         backend=store.backend,
@@ -567,6 +555,7 @@ def _summarize(store: FeatureStore) -> StoreSummary:
         n_classes=lay.n_classes,
         counts=counts,
         failures=tuple((lay.video_ids[i], errors[i]) for i in failed),
+        missing=tuple(lay.video_ids[i] for i in np.flatnonzero(missing)),
         frames_cached=int(store.n_frames[status == STATUS_DONE].sum()),
         t_cap=lay.t_cap,
         feature_dim=lay.feature_dim,
@@ -596,10 +585,15 @@ def format_summary(summary: StoreSummary, max_failures: int | None = None) -> st
         f"class text  {'written' if s.text_written else 'MISSING'}",
         f"fingerprint {s.fingerprint}",
         "",
-        f"{'split':<8}{'done':>9}{'failed':>9}{'pending':>9}",
+        f"{'split':<8}{'listed':>9}{'found':>9}{'missing':>9}{'done':>9}{'failed':>9}"
+        f"{'pending':>9}",
     ]
     for split, c in s.counts.items():
-        lines.append(f"{split:<8}{c['done']:>9}{c['failed']:>9}{c['pending']:>9}")
+        listed = sum(c.values())
+        lines.append(
+            f"{split:<8}{listed:>9}{listed - c['missing']:>9}{c['missing']:>9}{c['done']:>9}"
+            f"{c['failed']:>9}{c['pending']:>9}"
+        )
     lines += ["", "recipe"] + [f"  {k}: {v}" for k, v in sorted(flatten_recipe(s.recipe).items())]
     lines.append("versions    " + ", ".join(f"{k} {v}" for k, v in s.versions.items()))
     if s.failures:
@@ -608,99 +602,17 @@ def format_summary(summary: StoreSummary, max_failures: int | None = None) -> st
         lines += [f"  {vid}: {err}" for vid, err in shown]
         if len(shown) < len(s.failures):
             lines.append(f"  ... and {len(s.failures) - len(shown)} more")
+    if s.missing:
+        shown = s.missing if max_failures is None else s.missing[:max_failures]
+        lines += ["", f"missing from the local copy ({len(s.missing)}; `fsar splits verify "
+                  "--root` lists a split's missing files)"]  # fmt: skip
+        lines += [f"  {vid}" for vid in shown]
+        if len(shown) < len(s.missing):
+            lines.append(f"  ... and {len(s.missing) - len(shown)} more")
     return "\n".join(lines)
-
-
-def _name_some(ids: list[str], limit: int = 5) -> str:
-    more = f" and {len(ids) - limit} more" if len(ids) > limit else ""
-    return ", ".join(repr(v) for v in ids[:limit]) + more
-
-
-def _verify(store: FeatureStore) -> list[str]:
-    lay, arrays = store.layout, store._arrays
-    problems = []
-    for spec in array_specs(lay):
-        if not arrays.has(spec.name):
-            problems.append(f"array {spec.name} is missing")
-        elif (arrays.shape(spec.name), arrays.dtype(spec.name)) != (spec.shape, spec.dtype):
-            problems.append(
-                f"array {spec.name} is {arrays.dtype(spec.name)} "
-                f"{arrays.shape(spec.name)}; expected {spec.dtype} {spec.shape}"
-            )
-    if problems:
-        return problems
-    status = store.status
-    bad: dict[str, list[str]] = {}
-    for start, stop in _spans(lay):
-        try:
-            _merge(bad, _check_rows(store, status, start, stop))
-            continue
-        except Exception:  # noqa: BLE001 - a damaged chunk in this span: find it block by block
-            pass
-        for b_start, b_stop in store.blocks():
-            if not start <= b_start < stop:
-                continue
-            try:
-                _merge(bad, _check_rows(store, status, b_start, b_stop))
-            except Exception as exc:  # noqa: BLE001 - a damaged chunk is a finding
-                problems.append(f"videos {b_start}..{b_stop - 1}: unreadable chunk ({exc!r})")
-    problems += [f"{len(ids)} {what}: {_name_some(ids)}" for what, ids in bad.items()]
-    n_pending = int(np.sum(status == STATUS_PENDING))
-    if n_pending:
-        problems.append(
-            f"{n_pending} videos still pending (extraction unfinished): "
-            f"{_name_some([lay.video_ids[i] for i in np.flatnonzero(status == 0)])}"
-        )
-    if not store.has_text:
-        problems.append("class text embeddings (classes/text) were never written")
-    else:
-        for name in ("text", "text_per_prompt"):
-            x = arrays.read(f"classes/{name}")
-            if not np.isfinite(x).all():
-                problems.append(f"classes/{name} holds non-finite values")
-            if np.any((x == 0).all(axis=-1)):
-                problems.append(f"classes/{name} holds all-zero class embeddings")
-    return problems
 
 
 def _spans(lay: StoreLayout) -> list[tuple[int, int]]:
     """Chunk-aligned spans of about READ_BYTES (as float32) of the widest per-video array."""
     per_video = 4 * lay.t_cap * max(lay.feature_dim, *lay.layer_dims.values(), 1)
     return merge_blocks(chunk_blocks(lay.n_videos, lay.chunk_videos), READ_BYTES // per_video)
-
-
-def _merge(into: dict[str, list[str]], found: dict[str, list[str]]) -> None:
-    for what, ids in found.items():
-        into.setdefault(what, []).extend(ids)
-
-
-def _check_rows(store: FeatureStore, status: np.ndarray, start: int, stop: int) -> dict:
-    """Ids of videos start..stop-1 failing each check: {check description: [ids]}."""
-    bad: dict[str, list[str]] = {}
-    lay, arrays, rows = store.layout, store._arrays, slice(start, stop)
-    done = status[rows] == STATUS_DONE
-    nf = arrays.read("videos/n_frames", rows)
-    fi = arrays.read("videos/frame_index", rows)
-    err = arrays.read("videos/error", rows)
-    ids = np.asarray(lay.video_ids[start:stop], dtype=object)
-    valid = np.arange(lay.t_cap)[None, :] < nf[:, None]  # [B, T]
-    _flag(bad, "done videos with n_frames outside 1..T_cap",
-          ids[done & ((nf < 1) | (nf > lay.t_cap))])  # fmt: skip
-    _flag(bad, "done videos whose frame_index disagrees with n_frames",
-          ids[done & np.any(valid != (fi >= 0), axis=1)])  # fmt: skip
-    _flag(bad, "failed videos without an error message",
-          ids[(status[rows] == STATUS_FAILED) & (err == "")])  # fmt: skip
-    names = [f"features/{v}" for v in lay.views]
-    names += [f"layers/{v}/{k}" for v in lay.views for k in lay.layer_dims]
-    for name in names:
-        x = arrays.read(name, rows).astype(np.float32)  # [B, T, D]
-        nonfinite = ~np.isfinite(x).all(axis=2) & valid
-        zero = (x == 0).all(axis=2) & valid
-        _flag(bad, f"done videos with non-finite {name}", ids[done & nonfinite.any(1)])
-        _flag(bad, f"done videos with all-zero frames in {name}", ids[done & zero.any(1)])
-    return bad
-
-
-def _flag(bad: dict[str, list[str]], what: str, ids: np.ndarray) -> None:
-    if len(ids):
-        bad.setdefault(what, []).extend(str(v) for v in ids)

@@ -36,3 +36,12 @@ def init_distributed() -> DistContext:
 def barrier(context: DistContext) -> None:
     if context.world_size > 1:
         torch_dist.barrier()
+
+
+def broadcast_from_rank0(context: DistContext, value):
+    """``value`` as rank 0 has it, on every rank (a picklable object; e.g. an error message)."""
+    if context.world_size == 1:
+        return value
+    box = [value if context.rank == 0 else None]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]
