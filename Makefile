@@ -94,6 +94,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/pipeline.py --head clipfsar --set head.dim_head=8 --fsar-episodes 4096 \
 		--out benchmarks/results/pipeline_clipfsar.json
 	$(PY) benchmarks/finetune.py --out benchmarks/results/finetune.json
+	$(PY) benchmarks/store_checks.py --out benchmarks/results/store_checks.json
+	$(PY) benchmarks/release_frames.py --out benchmarks/results/release_frames.json
 
 clean:
 	rm -rf outputs stores .pytest_cache

@@ -8,6 +8,7 @@ Chunked stores have their own writer (``fsar.cache.backends``): a chunk is not a
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Iterator
@@ -18,6 +19,18 @@ from typing import IO
 PARTIAL_SUFFIX = ".partial"
 
 
+def make_parents(path: str | Path) -> None:
+    """Create the folders above ``path``. A file where a folder must be is reported as
+    "Not a directory" naming that file (``mkdir`` would say "File exists")."""
+    parent = Path(path).parent
+    for folder in (parent, *parent.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
+            break
+    parent.mkdir(parents=True, exist_ok=True)
+
+
 @contextmanager
 def atomic_file(path: str | Path, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary file for writing; on success it is fsynced and renamed over ``path``.
@@ -25,7 +38,7 @@ def atomic_file(path: str | Path, mode: str = "wb") -> Iterator[IO]:
     On any exception the temporary file is removed and ``path`` is left as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_parents(path)
     handle, tmp = tempfile.mkstemp(prefix=f"{path.name}.", suffix=PARTIAL_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(handle, mode, **({} if "b" in mode else {"newline": ""})) as file:

@@ -30,6 +30,7 @@ from zarr.codecs import ZstdCodec
 from zarr.core.sync import sync as zarr_sync
 from zarr.storage import LocalStore
 
+from fsar.atomic import make_parents
 from fsar.cache.layout import ArraySpec
 from fsar.errors import FsarError, StoreError
 
@@ -118,7 +119,7 @@ class ArrayBackend(Protocol):
 
 def _durable_put(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file + fsync + rename (all or nothing)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_parents(path)
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.partial"
     try:
         with open(tmp, "wb") as f:
@@ -451,7 +452,7 @@ def build_backend(
     """Create a new store of format ``kind`` at ``path`` (which must not exist), open to write."""
     if kind not in BACKENDS:
         raise ValueError(f"unknown store backend {kind!r}; valid: {BACKENDS}")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_parents(path)
     return (ZarrBackend if kind == "zarr" else Hdf5Backend).build(path, specs, attrs)
 
 

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from fsar.atomic import make_parents
 from fsar.errors import FsarError
 
 
@@ -43,7 +44,7 @@ def _holder(path: Path) -> str:
 def acquire(out: Path) -> int:
     """Take the lock of ``out``; returns the open descriptor that holds it."""
     path = lock_path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_parents(path)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:

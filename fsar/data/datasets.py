@@ -22,10 +22,14 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fsar.data.split_registry import default_splits_dir, identify_variant
 from fsar.data.splits import SPLITS, SplitEntry, SplitSet, class_order, parse_split_dir
 from fsar.errors import DatasetError
+
+if TYPE_CHECKING:
+    from fsar.config import DatasetConfig
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv")
 FOLDER_DATASETS = ("folder", "demo")
@@ -71,6 +75,19 @@ class DatasetIndex:
     missing: list[VideoItem]  # the items whose path is None
     class_keys: list[str] = field(default_factory=list)  # class as the lists name it, per id
     anomalies: list[str] = field(default_factory=list)  # oddities of the lists (kept, reported)
+
+
+def dataset_from_config(
+    section: DatasetConfig, splits: Sequence[str] | None = None
+) -> DatasetIndex:
+    """``load_dataset`` for a config's ``dataset`` section (its splits unless ``splits``)."""
+    return load_dataset(
+        section.name,
+        Path(section.root),
+        variant=section.variant,
+        splits_dir=Path(section.splits_dir) if section.splits_dir else None,
+        splits=section.splits if splits is None else splits,
+    )
 
 
 def load_dataset(

@@ -21,7 +21,7 @@ import torch
 
 from fsar.atomic import write_atomic
 from fsar.config import Config, ConfigError
-from fsar.data.datasets import load_dataset
+from fsar.data.datasets import dataset_from_config
 from fsar.data.frames import FramePolicy, parse_frame_policy, select_frames
 from fsar.data.release_frames import release_indices, resolve_rule
 from fsar.data.transforms import Preprocess, parse_views, view_seed
@@ -88,13 +88,7 @@ def dump_frames(
     if draws is not None and draws < 1:
         raise ConfigError(f"--draw must be >= 1, got {draws}")
     ex = config.extract
-    dataset = load_dataset(
-        config.dataset.name,
-        Path(config.dataset.root),
-        variant=config.dataset.variant,
-        splits_dir=Path(config.dataset.splits_dir) if config.dataset.splits_dir else None,
-        splits=config.dataset.splits,
-    )
+    dataset = dataset_from_config(config.dataset)
     items = {item.video_id: item for item in dataset.items}
     unknown = [v for v in video_ids if v not in items]
     if unknown:

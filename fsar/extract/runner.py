@@ -31,7 +31,7 @@ from fsar.cache.layout import MISSING_PREFIX, STATUS_FAILED
 from fsar.cache.lock import StoreLockedError, remove_leftovers, writer_lock
 from fsar.cache.store import check_matches
 from fsar.config import Config, ConfigError
-from fsar.data.datasets import load_dataset
+from fsar.data.datasets import dataset_from_config
 from fsar.data.frames import parse_frame_policy
 from fsar.data.transforms import parse_views
 from fsar.devices import resolve_device
@@ -133,13 +133,7 @@ def _extract(config, dist, out, work_path, stop: StopRequest, progress, start_ti
     if device.type == "cuda" and dist.world_size > 1:
         device = torch.device("cuda", dist.local_rank)
 
-    dataset = load_dataset(
-        config.dataset.name,
-        Path(config.dataset.root),
-        variant=config.dataset.variant,
-        splits_dir=Path(config.dataset.splits_dir) if config.dataset.splits_dir else None,
-        splits=config.dataset.splits,
-    )
+    dataset = dataset_from_config(config.dataset)
     policy = parse_frame_policy(
         ex.frames, seq_len=ex.seq_len, t_cap=ex.t_cap, min_frames=ex.min_frames
     )

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from fsar.atomic import write_atomic
 from fsar.config import Config, ConfigError, build_dataclass, to_dict
-from fsar.data.datasets import load_dataset
+from fsar.data.datasets import dataset_from_config
 from fsar.data.frames import FramePolicy, parse_frame_policy
 from fsar.data.transforms import Preprocess
 from fsar.devices import resolve_device
@@ -199,13 +199,7 @@ def finetune(config: Config, progress: bool = True) -> FinetuneResult:
         device = torch.device("cuda", dist.local_rank)
     out = Path(tr.out)
     selection = config.protocol.selection_split
-    dataset = load_dataset(
-        config.dataset.name,
-        Path(config.dataset.root),
-        variant=config.dataset.variant,
-        splits_dir=Path(config.dataset.splits_dir) if config.dataset.splits_dir else None,
-        splits=sorted({"train", selection}),
-    )
+    dataset = dataset_from_config(config.dataset, sorted({"train", selection}))
     listing = config.extract.frame_listing
     train_videos = video_split(dataset, "train", listing)
     select_videos = video_split(dataset, selection, listing)
