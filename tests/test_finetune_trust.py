@@ -45,8 +45,19 @@ def settings(videos: Path, out: Path, *extra: str) -> list[str]:
     return ["dataset.name=demo", f"dataset.root={videos}", f"train.out={out}", *SETTINGS, *extra]
 
 
+@pytest.fixture
+def one_cpu_thread():
+    """On CPU the worker count sets the main process's thread count (cpu_threads_beside_workers),
+    and another thread count may round a matmul differently: one thread everywhere keeps the
+    runs comparable bit for bit."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.slow
-def test_sigterm_stops_finetune_and_only_the_same_run_resumes(tmp_path, capsys):
+def test_sigterm_stops_finetune_and_only_the_same_run_resumes(tmp_path, capsys, one_cpu_thread):
     spec = DemoSpec(videos_per_class=6, n_frames=14, size=64)
     videos = render_demo_dataset(tmp_path / "videos", spec).root
     reference = tmp_path / "reference"
@@ -59,7 +70,7 @@ def test_sigterm_stops_finetune_and_only_the_same_run_resumes(tmp_path, capsys):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
     )
     wait_for_training(process, run, 1)
     process.send_signal(signal.SIGTERM)

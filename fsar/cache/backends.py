@@ -431,6 +431,8 @@ def open_backend(path: Path, writable: bool) -> ArrayBackend:
     kind = detect_backend(path)
     try:
         return (ZarrBackend if kind == "zarr" else Hdf5Backend).open(path, writable)
+    except StoreReadError:  # already names the store and what to run
+        raise
     except OSError as err:
         if err.filename is not None:  # the message already names the path
             raise
