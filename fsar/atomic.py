@@ -19,6 +19,16 @@ from typing import IO
 PARTIAL_SUFFIX = ".partial"
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates 0600 files; a published file gets the mode open() would give it
+FILE_MODE = 0o666 & ~_read_umask()
+
+
 def make_parents(path: str | Path) -> None:
     """Create the folders above ``path``. A file where a folder must be is reported as
     "Not a directory" naming that file (``mkdir`` would say "File exists")."""
@@ -44,6 +54,7 @@ def atomic_file(path: str | Path, mode: str = "wb") -> Iterator[IO]:
         with os.fdopen(handle, mode, **({} if "b" in mode else {"newline": ""})) as file:
             yield file
             file.flush()
+            os.fchmod(file.fileno(), FILE_MODE)
             os.fsync(file.fileno())
         os.replace(tmp, path)
     except BaseException:
