@@ -9,8 +9,11 @@
    - ``clipspm_release_frames``: the dense store, CLIP-SPM's own rules (training jitter over
      every source frame, its deterministic test frames);
    - ``clipfsar_release_frames``: the dense store, CLIP-FSAR's segment rule in training and at
-     test (one random frame per segment, redrawn per episode occurrence).
-   Only the frames change: heads, widths, solver, episodes and the store's pixels are the same.
+     test (one random frame per segment, redrawn per episode occurrence);
+   - ``clipspm_release`` / ``clipfsar_release``: the release's frame rules *and* its pixels (the
+     resize, crop, normalisation and fp32 / float32 extraction of its preset), each on a dense
+     store extracted with that preset's pixel rules: the whole release-exact path.
+   Heads, widths, solver and episodes are the same throughout.
 
     python benchmarks/release_frames.py --out benchmarks/results/release_frames.json
 """
@@ -28,7 +31,7 @@ from pathlib import Path
 import torch
 
 from fsar.cache import open_store
-from fsar.config import with_overrides
+from fsar.config import load_config, with_overrides
 from fsar.data.synthetic import DemoSpec, render_demo_dataset
 from fsar.extract.runner import run_extraction
 from fsar.pipelines.demo import DEMO_HEADS, DEMO_LEARNING_RATES, demo_config
@@ -36,26 +39,42 @@ from fsar.pipelines.evaluate import compare
 from fsar.pipelines.run_eval import run_evaluation
 from fsar.pipelines.train import train_heads
 
+PRESETS = Path(__file__).resolve().parents[1] / "configs" / "presets"
+# the extract.* fields that make a preset's pixels (and their precision)
+PIXEL_FIELDS = (
+    "resize_mode", "interpolation", "crop_offset", "normalize", "mean", "std", "precision",
+    "feature_dtype",
+)  # fmt: skip
+SPM_FRAMES = {"protocol.test_frames": "clipspm_test", "protocol.train_frames": "clipspm_train"}
+FSAR_FRAMES = {"protocol.test_frames": "clipfsar_test", "protocol.train_frames": "clipfsar_train"}
 PROTOCOLS = {
     "fsar": ("reference", {}),
-    "clipspm_release_frames": (
-        "dense",
-        {"protocol.test_frames": "clipspm_test", "protocol.train_frames": "clipspm_train"},
-    ),
-    "clipfsar_release_frames": (
-        "dense",
-        {"protocol.test_frames": "clipfsar_test", "protocol.train_frames": "clipfsar_train"},
-    ),
+    "clipspm_release_frames": ("dense", SPM_FRAMES),
+    "clipfsar_release_frames": ("dense", FSAR_FRAMES),
+    "clipspm_release": ("dense_clipspm_pixels", SPM_FRAMES),
+    "clipfsar_release": ("dense_clipfsar_pixels", FSAR_FRAMES),
 }
+
+
+def preset_pixels(preset: str) -> dict:
+    """extract.* overrides giving the pixels of configs/presets/<preset>.yaml."""
+    extract = load_config([PRESETS / f"{preset}.yaml"], []).extract
+    return {f"extract.{name}": getattr(extract, name) for name in PIXEL_FIELDS}
 
 
 def directory_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def extract(config, frames: str, out: Path) -> dict:
+def extract(config, frames: str, out: Path, pixels: dict | None = None) -> dict:
     config = with_overrides(
-        config, {"extract.frames": frames, "extract.out": str(out), "train.store": str(out)}
+        config,
+        {
+            **(pixels or {}),
+            "extract.frames": frames,
+            "extract.out": str(out),
+            "train.store": str(out),
+        },
     )
     start = time.perf_counter()
     result = run_extraction(config, progress=False)
@@ -94,10 +113,17 @@ def main() -> None:
             demo_config(work, args.model, args.steps),
             {"extract.workers": args.workers, "eval.episodes": args.episodes},
         )
-        stores = {"reference": work / "reference.zarr", "dense": work / "dense.zarr"}
+        dense = f"dense:{args.cap}"
+        recipes = {
+            "reference": ("reference_test", None),
+            "dense": (dense, None),
+            "dense_clipspm_pixels": (dense, preset_pixels("clipspm_release")),
+            "dense_clipfsar_pixels": (dense, preset_pixels("clipfsar_release")),
+        }
+        stores = {name: work / f"{name}.zarr" for name in recipes}
         extraction = {
-            "reference": extract(base, "reference_test", stores["reference"]),
-            "dense": extract(base, f"dense:{args.cap}", stores["dense"]),
+            name: {**extract(base, frames, stores[name], pixels), "pixels": pixels or "fsar"}
+            for name, (frames, pixels) in recipes.items()
         }
         accuracy, outcomes = {}, {}
         for name, (store, protocol) in PROTOCOLS.items():
