@@ -69,6 +69,17 @@ def _read_error(path: Path, what: str, err: Exception) -> StoreReadError:
     )
 
 
+def _read_located(backend, name: str, rows: Rows) -> np.ndarray:
+    """``backend._raw_read``, with a damaged chunk's codec, checksum or I/O error turned into a
+    ``StoreReadError`` naming the store, array and chunk; a wrong name or index stays a bug."""
+    try:
+        return backend._raw_read(name, rows)
+    except (KeyError, IndexError, TypeError):
+        raise
+    except Exception as err:  # noqa: BLE001 - whatever the codec or h5py raises for damage
+        raise _locate_read_error(backend, name, rows, err) from err
+
+
 def _locate_read_error(backend, name: str, rows: Rows, err: Exception) -> Exception:
     """Read the requested rows chunk by chunk to name the first chunk that fails."""
     n, k = backend.shape(name)[0], backend.chunk_rows(name)
@@ -215,12 +226,7 @@ class ZarrBackend:
         return missing
 
     def read(self, name: str, rows: Rows = None) -> np.ndarray:
-        try:
-            return self._raw_read(name, rows)
-        except (KeyError, IndexError, TypeError):
-            raise
-        except Exception as err:  # noqa: BLE001 - codec and I/O errors of a damaged chunk
-            raise _locate_read_error(self, name, rows, err) from err
+        return _read_located(self, name, rows)
 
     def _raw_read(self, name: str, rows: Rows = None) -> np.ndarray:
         arr = self._array(name)
@@ -355,12 +361,7 @@ class Hdf5Backend:
         return []
 
     def read(self, name: str, rows: Rows = None) -> np.ndarray:
-        try:
-            return self._raw_read(name, rows)
-        except (KeyError, IndexError, TypeError):
-            raise
-        except Exception as err:  # noqa: BLE001 - checksum and I/O errors of a damaged file
-            raise _locate_read_error(self, name, rows, err) from err
+        return _read_located(self, name, rows)
 
     def _raw_read(self, name: str, rows: Rows = None) -> np.ndarray:
         ds = self._file[name]
