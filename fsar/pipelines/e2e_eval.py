@@ -94,18 +94,34 @@ def encode_split(
         bar.update(len(pixels))
     bar.close()
     model.train(was_training)
+    n_frames = torch.full((len(videos),), seq_len, dtype=torch.long)
+    return split_bank(videos, features, n_frames, class_text)
+
+
+def split_bank(
+    videos: VideoSplit,
+    features: torch.Tensor,
+    n_frames: torch.Tensor,
+    class_text: torch.Tensor,
+    **frames: object,
+) -> FeatureBank:
+    """A bank over every video of ``videos`` from features encoded here (no store): features
+    float16 [V, T, D] and n_frames long [V] go to class_text's device; ``frames`` are a dense
+    bank's frame_index / source_length / fps / frame_policy."""
+    device = class_text.device
     return FeatureBank(
         split=videos.split,
         video_ids=videos.video_ids,
         store_rows=np.arange(len(videos)),
         features={"center": features.to(device)},
         layers={},
-        n_frames=torch.full((len(videos),), seq_len, dtype=torch.long, device=device),
+        n_frames=n_frames.to(device),
         class_ids=videos.class_ids.to(device),
         class_text=class_text,
         class_names=videos.class_names,
         fingerprint="",
         skipped=videos.skipped,
+        **frames,
     )
 
 
@@ -186,18 +202,11 @@ def encode_dense(
         bar.update(1)
     bar.close()
     model.train(was_training)
-    return FeatureBank(
-        split=videos.split,
-        video_ids=videos.video_ids,
-        store_rows=np.arange(n),
-        features={"center": features.to(device)},
-        layers={},
-        n_frames=torch.from_numpy(n_frames).to(device),
-        class_ids=videos.class_ids.to(device),
-        class_text=class_text,
-        class_names=videos.class_names,
-        fingerprint="",
-        skipped=videos.skipped,
+    return split_bank(
+        videos,
+        features,
+        torch.from_numpy(n_frames),
+        class_text,
         frame_index=frame_index,
         source_length=length,
         fps=fps,
