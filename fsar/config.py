@@ -19,17 +19,14 @@ from typing import Any, Literal
 
 import yaml
 
-from fsar.errors import FsarError
+from fsar.errors import ConfigError
+from fsar.heads.registry import HEADS, head_spec
+from fsar.heads.spec import HeadConfig, option
+
+# ConfigError lives in fsar.errors (heads raise it too); callers import it from here.
 
 
-class ConfigError(FsarError, ValueError):
-    """A configuration problem; the message names the key and how to fix it."""
-
-
-def _f(default: Any, help: str, **kwargs: Any) -> Any:
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help}, **kwargs)
+_f = option  # a field with its one-line help
 
 
 @dataclass
@@ -151,45 +148,9 @@ class ExtractConfig:
     retry_failed: bool = _f(False, "re-attempt videos recorded as failed in an existing store")
 
 
-HEAD_NAMES = ("proto_mean", "otam", "clipfsar", "clipspm")
-
-
-@dataclass
-class HeadConfig:
-    name: Literal["proto_mean", "otam", "clipfsar", "clipspm"] = _f(
-        "clipspm", "few-shot head: proto_mean | otam | clipfsar | clipspm"
-    )
-    heads: int = _f(8, "attention heads of the transformer layers (clipfsar, clipspm)")
-    dim_head: int | None = _f(
-        None, "width of one attention head (default: 256 for clipspm, dim / heads for clipfsar)"
-    )
-    mlp_dim: int = _f(2048, "hidden width of the feed-forward blocks")
-    attn_dropout: float = _f(0.2, "attention dropout (training only)")
-    ffn_dropout: float = _f(0.05, "feed-forward dropout (training only)")
-    prompt_hidden: int = _f(2048, "clipspm: hidden width of the SPM prompt generator")
-    mid_dim_text: float = _f(1.5, "clipspm: text gate width ratio (release MID_DIM_TEXT)")
-    mid_dim_vision: float = _f(0.5, "clipspm: vision gate width ratio (release MID_DIM_VISION)")
-    negative_slope: float = _f(0.0025, "clipspm: LeakyReLU slope of the gates")
-    alpha: float = _f(0.2, "clipspm: text-video fusion weight (release ALPHA)")
-    motion_alpha: float = _f(1.0, "clipspm: HSMR motion-consistency weight inside the head")
-    motion_alpha_learnable: bool = _f(False, "clipspm: learn motion_alpha")
-    hsmr: bool = _f(True, "clipspm: hierarchical synergistic motion refinement (training term)")
-    hsmr_source: str = _f("final", "clipspm: HSMR shallow level: final | layer:<cached layer>")
-    spm: Literal["generated", "none"] = _f("generated", "clipspm: semantic prompt module")
-    padm: bool = _f(True, "clipspm: prototype-anchored dual modulation")
-    consistency_weight: float = _f(0.0, "clipspm: prompt-consistency loss weight")
-    text_distance_weight: float = _f(0.0, "clipspm: text-distance loss weight")
-    merge_before: bool = _f(False, "clipfsar: average supports before the transformer")
-    fusion_beta: float | None = _f(
-        None, "clipfsar: test-time fusion with the text probability (null = off)"
-    )
-    bidirectional: bool = _f(True, "otam: bidirectional OTAM")
-    proto_scale: float = _f(1.0, "proto_mean: temperature multiplying the cosine")
-    aux_weights: dict[str, float] = _f(
-        {},
-        "loss weight per auxiliary term (motion_consistency, consistency, text_distance, "
-        "video_text); default per head: clipspm motion_consistency 0.001, clipfsar video_text 1",
-    )
+# Version of the config record written into checkpoints and run records. 1 (no field): the
+# flat head section of 25 keys shared by all heads; 2: each head's own typed options.
+CONFIG_VERSION = 2
 
 
 @dataclass
@@ -321,7 +282,7 @@ class Config:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
-    head: HeadConfig = field(default_factory=HeadConfig)
+    head: HeadConfig = field(default_factory=lambda: head_spec(HeadConfig.name).config())
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     episodes: EpisodeConfig = field(default_factory=EpisodeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -349,8 +310,9 @@ def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> Conf
                 f"{path}: top level must be a mapping of sections, got {type(data).__name__}"
             )
         _deep_merge(merged, data)
-    for item in overrides:
-        key, value = parse_override(item)
+    parsed = [parse_override(item) for item in overrides]
+    _switch_head(merged, dict(parsed))
+    for key, value in parsed:
         _set_dotted(merged, key, value)
     config = build_dataclass(Config, merged, prefix="")
     validate(config)
@@ -360,11 +322,22 @@ def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> Conf
 def with_overrides(config: Config, overrides: dict[str, Any]) -> Config:
     """A validated copy of ``config`` with dotted keys set (e.g. {"head.hsmr": False})."""
     data = to_dict(config)
+    _switch_head(data, overrides)
     for key, value in overrides.items():
         _set_dotted(data, key, value)
     new = build_dataclass(Config, data, prefix="")
     validate(new)
     return new
+
+
+def _switch_head(tree: dict, overrides: dict[str, Any]) -> None:
+    """An override of head.name to another head starts from that head's defaults: the head
+    options set so far belong to the previous head (other head.* overrides still apply)."""
+    if "head.name" not in overrides:
+        return
+    head = tree.get("head") or {}
+    if isinstance(head, dict) and head.get("name", HeadConfig.name) != overrides["head.name"]:
+        tree["head"] = {}
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -439,9 +412,67 @@ def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def build_head_config(data: Any, prefix: str = "head.") -> HeadConfig:
+    """The chosen head's typed options; a key of another head is refused, naming both heads."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.')}: expected a mapping, got {data!r}")
+    name = data.get("name", HeadConfig.name)
+    if not isinstance(name, str):
+        raise ConfigError(f"{prefix}name: expected a head name, got {name!r}")
+    spec = head_spec(name)
+    own = [f.name for f in dataclasses.fields(spec.config)]
+    for key in data:
+        if key in own:
+            continue
+        owners = [
+            other.name
+            for other in HEADS.values()
+            if key in {f.name for f in dataclasses.fields(other.config)}
+        ]
+        if owners:
+            raise ConfigError(
+                f"{prefix}{key} is an option of {', '.join(owners)}, not of head {name}; "
+                f"drop it or pick that head ({name}'s options: {', '.join(own)})"
+            )
+    return build_dataclass(spec.config, data, prefix)
+
+
+def config_from_record(record: dict[str, Any]) -> Config:
+    """The Config saved in a checkpoint or run record, of any CONFIG_VERSION."""
+    data = upgrade_config_dict(record["config"], int(record.get("config_version", 1)))
+    return build_dataclass(Config, data, prefix="")
+
+
+def upgrade_config_dict(data: dict[str, Any], version: int) -> dict[str, Any]:
+    """A config dict of an older CONFIG_VERSION, as the current version reads it (same numbers).
+
+    Version 1 kept every head's keys in one flat section; the head used only its own, so the
+    others are dropped. Its OTAM aligned to class-mean frames with the soft-min temperature 0.5.
+    """
+    if version >= CONFIG_VERSION:
+        return data
+    data = dict(data)
+    head = dict(data.get("head") or {})
+    name = head.get("name", HeadConfig.name)
+    spec = HEADS.get(name)
+    if spec is not None:
+        own = {f.name for f in dataclasses.fields(spec.config)}
+        head = {key: value for key, value in head.items() if key in own}
+        if name == "otam":  # version 1 semantics of the otam head
+            head.update(lam=0.5, prototype=True)
+        if name == "clipspm" and head.get("dim_head") is None:
+            head.pop("dim_head", None)
+    data["head"] = head
+    return data
+
+
 def _coerce(hint: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
+    if hint is HeadConfig:
+        return build_head_config(value, key + ".")
     if dataclasses.is_dataclass(hint):
         return build_dataclass(hint, value, key + ".")
     if origin in (typing.Union, types.UnionType):
@@ -563,13 +594,7 @@ def validate_experiment(config: Config) -> None:
         raise ConfigError(f"train.lr must be > 0, got {tr.lr}")
     if not pr.train_views:
         raise ConfigError("protocol.train_views must name at least one cached view (e.g. center)")
-    hs = config.head.hsmr_source
-    if hs != "final" and not (hs.startswith("layer:") and len(hs) > len("layer:")):
-        raise ConfigError(f"head.hsmr_source must be 'final' or 'layer:<name>', got {hs!r}")
-    if config.head.fusion_beta is not None and not 0 <= config.head.fusion_beta <= 1:
-        raise ConfigError(
-            f"head.fusion_beta must be in [0, 1] or null, got {config.head.fusion_beta}"
-        )
+    config.head.check()
     for key in config.ablate.grid:
         if key.split(".")[0] not in ("head", "protocol", "train"):
             raise ConfigError(
@@ -594,6 +619,13 @@ def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]
     rows = []
     for f in dataclasses.fields(cls):
         hint = typing.get_type_hints(cls)[f.name]
+        if hint is HeadConfig:
+            rows += describe(HeadConfig, f"{prefix}{f.name}.")
+            for spec in HEADS.values():
+                own = [r for r in describe(spec.config, f"{prefix}{f.name}.")]
+                shared = {f"{prefix}{f.name}.{g.name}" for g in dataclasses.fields(HeadConfig)}
+                rows += [(k, d, f"[{spec.name}] {h}") for k, d, h in own if k not in shared]
+            continue
         if dataclasses.is_dataclass(hint):
             rows += describe(hint, f"{prefix}{f.name}.")
             continue

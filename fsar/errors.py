@@ -19,3 +19,7 @@ class StoreError(FsarError, ValueError):
 
 class DatasetError(FsarError, ValueError):
     """A dataset folder or split list cannot be used as given; the message names the file."""
+
+
+class ConfigError(FsarError, ValueError):
+    """A configuration problem; the message names the key and how to fix it."""

@@ -1,4 +1,6 @@
-"""Few-shot heads on cached CLIP features: blocks, OTAM, baselines, CLIP-FSAR, CLIP-SPM.
+"""Few-shot heads on cached CLIP features: blocks, OTAM, the registered methods.
+
+`fsar.heads.registry.HEADS` is the table of registered heads (one `HeadSpec` each).
 
 Every head is called as
 `head(support [B,S,T,D], support_labels [B,S], query [B,Q,T,D], class_text [B,N,D],
@@ -22,8 +24,20 @@ from .clipspm_parts import HSMR, PADM, ClassMeanOTAM, PromptGenerator, TextVideo
 from .otam import OTAM_LAMBDA, frame_distances, otam_bidirectional, otam_distance, otam_one_way
 from .output import Episode, EpisodeError, FewShotHead, HeadOutput, episode_loss
 from .reference import load_official, official_key_map, to_official
+from .registry import HEADS, build_head, head_names, head_spec, spec_of
+from .spec import BuildContext, HeadConfig, HeadSpec, OfficialKeys, TrainingInputs
 
 __all__ = [
+    "HEADS",
+    "BuildContext",
+    "HeadConfig",
+    "HeadSpec",
+    "OfficialKeys",
+    "TrainingInputs",
+    "build_head",
+    "head_names",
+    "head_spec",
+    "spec_of",
     "Attention",
     "CLIPFSARHead",
     "CLIPSPMHead",

@@ -188,3 +188,18 @@ class MotionModule(nn.Module):
         backward_diff = c[:, :-1] - frames[:, 1:]
         motion = (0.5 * (forward_diff + backward_diff)).mean(1)  # [V, D]
         return motion.reshape(*lead, motion.shape[-1])
+
+
+# Official names inside one release Transformer_v1 (depth 1) -> TransformerLayer, for the
+# `OfficialKeys` of the heads built on it (official inner prefix, fsar inner prefix).
+TRANSFORMER_KEYS = (
+    ("layers.0.0.norm.", "norm."),
+    ("layers.0.0.fn.to_q.", "attn.to_q."),
+    ("layers.0.0.fn.to_k.", "attn.to_k."),
+    ("layers.0.0.fn.to_v.", "attn.to_v."),
+    ("layers.0.0.fn.to_out.0.", "attn.to_out."),
+    ("layers.0.1.net.0.", "ffn.fc1."),
+    ("layers.0.1.net.3.", "ffn.fc2."),
+)
+# Official Sequential(Linear, LeakyReLU, Linear, ...) gate -> Gate.
+GATE_KEYS = (("0.", "fc1."), ("2.", "fc2."))

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .blocks import TransformerLayer, cos_sim
+from fsar.errors import ConfigError
+
+from .blocks import TRANSFORMER_KEYS, TransformerLayer, cos_sim
 from .otam import otam_distance
 from .output import Episode, EpisodeError, FewShotHead, HeadOutput
+from .spec import BuildContext, HeadConfig, HeadSpec, OfficialKeys, TrainingInputs, option
 
-__all__ = ["CLIPFSARHead"]
+__all__ = ["CLIPFSARHead", "CLIPFSARConfig", "SPEC"]
 
 
 class CLIPFSARHead(FewShotHead):
@@ -137,3 +142,55 @@ class CLIPFSARHead(FewShotHead):
         videos = torch.cat([episode.support, episode.query], dim=1)  # [B, S+Q, T, D]
         logits = self.video_text_logits(videos, text_table)  # [B, S+Q, C]
         return F.cross_entropy(logits.flatten(0, 1), ids.flatten())
+
+
+@dataclass
+class CLIPFSARConfig(HeadConfig):
+    name: str = option("clipfsar", "few-shot head")
+    heads: int = option(8, "attention heads of the transformer layer")
+    dim_head: int | None = option(None, "width of one attention head (default: dim / heads)")
+    mlp_dim: int = option(2048, "hidden width of the feed-forward block")
+    attn_dropout: float = option(0.2, "attention dropout (training only)")
+    ffn_dropout: float = option(0.05, "feed-forward dropout (training only)")
+    merge_before: bool = option(False, "average supports per class before the transformer")
+    fusion_beta: float | None = option(
+        None, "test-time fusion with the text probability (null = off)"
+    )
+
+    def check(self) -> None:
+        if self.fusion_beta is not None and not 0 <= self.fusion_beta <= 1:
+            raise ConfigError(f"head.fusion_beta must be in [0, 1] or null, got {self.fusion_beta}")
+
+
+def build(config: CLIPFSARConfig, context: BuildContext) -> CLIPFSARHead:
+    return CLIPFSARHead(
+        context.feature_dim,
+        heads=config.heads,
+        dim_head=config.dim_head,
+        mlp_dim=config.mlp_dim,
+        merge_before=config.merge_before,
+        attn_dropout=config.attn_dropout,
+        ffn_dropout=config.ffn_dropout,
+        fusion_beta=config.fusion_beta,
+    )
+
+
+SPEC = HeadSpec(
+    name="clipfsar",
+    title="CLIP-FSAR",
+    summary="text-modulated prototypes + bidirectional OTAM, video-text loss (CLIP-SPM copy)",
+    citation="Wang et al., IJCV 2023",
+    config=CLIPFSARConfig,
+    build=build,
+    head_type=CLIPFSARHead,
+    aux_weights={"video_text": 1.0},
+    training_inputs=lambda config: TrainingInputs(class_ids=True),
+    official=OfficialKeys(
+        release="CLIP-FSAR",
+        prefixes=(
+            ("context2.", "transformer.", TRANSFORMER_KEYS),
+            ("scale", "video_text_scale", (("", ""),)),
+        ),
+        markers=("context2.",),
+    ),
+)

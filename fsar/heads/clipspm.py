@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 from torch import Tensor, nn
 
-from .blocks import TransformerLayer
+from fsar.errors import ConfigError
+
+from .blocks import GATE_KEYS, TRANSFORMER_KEYS, TransformerLayer
 from .clipspm_parts import (
     HSMR,
     PADM,
@@ -16,8 +21,9 @@ from .clipspm_parts import (
 )
 from .otam import otam_distance
 from .output import Episode, EpisodeError, FewShotHead, HeadOutput
+from .spec import BuildContext, HeadConfig, HeadSpec, OfficialKeys, TrainingInputs, option
 
-__all__ = ["CLIPSPMHead", "SPM_CHOICES", "parse_hsmr_source"]
+__all__ = ["CLIPSPMHead", "CLIPSPMConfig", "SPEC", "SPM_CHOICES", "parse_hsmr_source"]
 
 SPM_CHOICES = ("generated", "none")
 
@@ -230,3 +236,102 @@ class CLIPSPMHead(FewShotHead):
                     f"got {list(x.shape)}"
                 )
         return support_shallow, query_shallow
+
+
+@dataclass
+class CLIPSPMConfig(HeadConfig):
+    name: str = option("clipspm", "few-shot head")
+    heads: int = option(8, "attention heads of the transformer layers")
+    dim_head: int = option(256, "width of one attention head")
+    mlp_dim: int = option(2048, "hidden width of the feed-forward blocks")
+    attn_dropout: float = option(0.2, "attention dropout (training only)")
+    ffn_dropout: float = option(0.05, "feed-forward dropout (training only)")
+    prompt_hidden: int = option(2048, "hidden width of the SPM prompt generator")
+    mid_dim_text: float = option(1.5, "text gate width ratio (release MID_DIM_TEXT)")
+    mid_dim_vision: float = option(0.5, "vision gate width ratio (release MID_DIM_VISION)")
+    negative_slope: float = option(0.0025, "LeakyReLU slope of the gates")
+    alpha: float = option(0.2, "text-video fusion weight (release ALPHA)")
+    motion_alpha: float = option(1.0, "HSMR motion-consistency weight inside the head")
+    motion_alpha_learnable: bool = option(False, "learn motion_alpha")
+    hsmr: bool = option(True, "hierarchical synergistic motion refinement (training term)")
+    hsmr_source: str = option("final", "HSMR shallow level: final | layer:<cached layer>")
+    spm: Literal["generated", "none"] = option("generated", "semantic prompt module")
+    padm: bool = option(True, "prototype-anchored dual modulation")
+    consistency_weight: float = option(0.0, "prompt-consistency loss weight")
+    text_distance_weight: float = option(0.0, "text-distance loss weight")
+
+    def check(self) -> None:
+        try:
+            parse_hsmr_source(self.hsmr_source)
+        except ValueError as err:
+            raise ConfigError(f"head.{err}") from None
+        if self.spm == "none" and (self.consistency_weight or self.text_distance_weight):
+            raise ConfigError(
+                "head.consistency_weight / head.text_distance_weight compare generated prompts: "
+                "set head.spm=generated or the weights to 0"
+            )
+
+
+def hsmr_layer(config: CLIPSPMConfig) -> str | None:
+    """The cached layer HSMR reads at training time, if any."""
+    return parse_hsmr_source(config.hsmr_source) if config.hsmr else None
+
+
+def build(config: CLIPSPMConfig, context: BuildContext) -> CLIPSPMHead:
+    layer = hsmr_layer(config)
+    if layer is not None and layer not in context.layer_dims:
+        raise ConfigError(
+            f"head.hsmr_source={config.hsmr_source!r} but the store caches no layer {layer!r} "
+            f"(cached: {sorted(context.layer_dims)}); extract with --layers {layer}"
+        )
+    return CLIPSPMHead(
+        context.feature_dim,
+        heads=config.heads,
+        dim_head=config.dim_head,
+        mlp_dim=config.mlp_dim,
+        prompt_hidden=config.prompt_hidden,
+        gate_text_ratio=config.mid_dim_text,
+        gate_vision_ratio=config.mid_dim_vision,
+        negative_slope=config.negative_slope,
+        fusion_alpha=config.alpha,
+        motion_alpha=config.motion_alpha,
+        motion_alpha_learnable=config.motion_alpha_learnable,
+        hsmr=config.hsmr,
+        hsmr_source=config.hsmr_source if config.hsmr else "final",
+        shallow_dim=context.layer_dims[layer] if layer is not None else None,
+        spm=config.spm,
+        padm=config.padm,
+        consistency_weight=config.consistency_weight,
+        text_distance_weight=config.text_distance_weight,
+        attn_dropout=config.attn_dropout,
+        ffn_dropout=config.ffn_dropout,
+    )
+
+
+SPEC = HeadSpec(
+    name="clipspm",
+    title="CLIP-SPM",
+    summary="HSMR motion refinement, SPM prompts, PADM prototypes + OTAM (the CLIP-SPM release)",
+    citation="CLIP-SPM, arXiv 2512.19036",
+    config=CLIPSPMConfig,
+    build=build,
+    head_type=CLIPSPMHead,
+    # The release adds 0.001 * motion consistency; its consistency terms carry their own weights.
+    aux_weights={"motion_consistency": 0.001, "consistency": 1.0, "text_distance": 1.0},
+    training_inputs=lambda config: TrainingInputs(layer=hsmr_layer(config)),
+    official=OfficialKeys(
+        release="CLIP-SPM",
+        prefixes=(
+            ("context1.", "padm.transformer.", TRANSFORMER_KEYS),
+            ("context2.", "fusion.transformer.", TRANSFORMER_KEYS),
+            ("gate_text.", "fusion.text_gate.", GATE_KEYS),
+            ("gate_vision.", "fusion.vision_gate.", GATE_KEYS),
+            ("token_tr.mlp.net.", "prompt_generator.ffn.", (("0.", "fc1."), ("3.", "fc2."))),
+            ("motion_conv1.", "hsmr.motion.conv1.", (("", ""),)),
+            ("motion_conv2.", "hsmr.motion.conv2.", (("", ""),)),
+            ("mo_alpha1", "motion_alpha", (("", ""),)),
+        ),
+        markers=("context1.", "gate_text.", "gate_vision.", "token_tr.", "motion_conv", "mo_alpha"),
+        unused=lambda head: {"scale": torch.ones(1)},
+    ),
+)

@@ -41,14 +41,21 @@ class HeadOutput:
 def episode_loss(
     output: HeadOutput, query_labels: Tensor, aux_weights: Mapping[str, float] | None = None
 ) -> Tensor:
-    """Cross-entropy of the logits over all B*Q queries plus `sum_k aux_weights[k] * aux[k]`.
+    """`w * CE(logits)` over all B*Q queries plus `sum_k aux_weights[k] * aux[k]`.
 
-    Auxiliary terms named in `aux_weights` but absent from `output.aux` are an error, so a loss
-    weight never silently applies to nothing.
+    `w = aux_weights["logits"]` (1 when absent): a head whose release trains on other terms only
+    sets it to 0. Auxiliary terms named in `aux_weights` but absent from `output.aux` are an
+    error, so a loss weight never silently applies to nothing.
     """
+    weights = dict(aux_weights or {})
+    logits_weight = weights.pop("logits", 1.0)
     logits = output.logits
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), query_labels.reshape(-1).long())
-    for name, weight in (aux_weights or {}).items():
+    loss = logits.new_zeros(())
+    if logits_weight:
+        loss = logits_weight * F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), query_labels.reshape(-1).long()
+        )
+    for name, weight in weights.items():
         if name not in output.aux:
             raise KeyError(f"aux loss {name!r} not in head output; present: {sorted(output.aux)}")
         loss = loss + weight * output.aux[name]

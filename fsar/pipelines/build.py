@@ -12,81 +12,35 @@ import torch
 
 from fsar.cache.bank import FeatureBank
 from fsar.config import ConfigError, HeadConfig
-from fsar.heads import CLIPFSARHead, CLIPSPMHead, FewShotHead, OTAMHead, ProtoMeanHead
+from fsar.heads import FewShotHead
+from fsar.heads.registry import build_head as registry_build
+from fsar.heads.registry import head_spec
+from fsar.heads.spec import LOGITS_TERM, BuildContext
 from fsar.pipelines.episodes import EpisodeIndex
 
-# The loss weight of each auxiliary term when head.aux_weights leaves it out. CLIP-SPM: the
-# release adds 0.001 * motion consistency; its consistency terms carry their own weights.
-DEFAULT_AUX_WEIGHTS = {
-    "clipspm": {"motion_consistency": 0.001, "consistency": 1.0, "text_distance": 1.0},
-    "clipfsar": {"video_text": 1.0},
-}
 
-
-def hsmr_layer(config: HeadConfig) -> str | None:
-    """The cached layer CLIP-SPM's HSMR reads, if any."""
-    if config.name == "clipspm" and config.hsmr and config.hsmr_source.startswith("layer:"):
-        return config.hsmr_source.split(":", 1)[1]
-    return None
-
-
-def build_head(config: HeadConfig, feature_dim: int, layer_dims: Mapping[str, int]) -> FewShotHead:
-    """A freshly initialised head (seed torch before calling for reproducible weights)."""
-    if config.name == "proto_mean":
-        return ProtoMeanHead(scale=config.proto_scale)
-    if config.name == "otam":
-        return OTAMHead(bidirectional=config.bidirectional)
-    if config.name == "clipfsar":
-        return CLIPFSARHead(
-            feature_dim,
-            heads=config.heads,
-            dim_head=config.dim_head,
-            mlp_dim=config.mlp_dim,
-            merge_before=config.merge_before,
-            attn_dropout=config.attn_dropout,
-            ffn_dropout=config.ffn_dropout,
-            fusion_beta=config.fusion_beta,
-        )
-    layer = hsmr_layer(config)
-    if layer is not None and layer not in layer_dims:
-        raise ConfigError(
-            f"head.hsmr_source={config.hsmr_source!r} but the store caches no layer {layer!r} "
-            f"(cached: {sorted(layer_dims)}); extract with --layers {layer}"
-        )
-    return CLIPSPMHead(
-        feature_dim,
-        heads=config.heads,
-        dim_head=config.dim_head or 256,
-        mlp_dim=config.mlp_dim,
-        prompt_hidden=config.prompt_hidden,
-        gate_text_ratio=config.mid_dim_text,
-        gate_vision_ratio=config.mid_dim_vision,
-        negative_slope=config.negative_slope,
-        fusion_alpha=config.alpha,
-        motion_alpha=config.motion_alpha,
-        motion_alpha_learnable=config.motion_alpha_learnable,
-        hsmr=config.hsmr,
-        hsmr_source=config.hsmr_source if config.hsmr else "final",
-        shallow_dim=layer_dims[layer] if layer is not None else None,
-        spm=config.spm,
-        padm=config.padm,
-        consistency_weight=config.consistency_weight,
-        text_distance_weight=config.text_distance_weight,
-        attn_dropout=config.attn_dropout,
-        ffn_dropout=config.ffn_dropout,
-    )
+def build_head(
+    config: HeadConfig,
+    feature_dim: int,
+    layer_dims: Mapping[str, int],
+    num_train_classes: int | None = None,
+) -> FewShotHead:
+    """A freshly initialised head of the registry (seed torch first for reproducible weights)."""
+    return registry_build(config, BuildContext(feature_dim, dict(layer_dims), num_train_classes))
 
 
 def aux_weights(config: HeadConfig, present: set[str]) -> dict[str, float]:
-    """Weights of the auxiliary terms the head returned (config first, then the defaults)."""
-    defaults = DEFAULT_AUX_WEIGHTS.get(config.name, {})
+    """Weights of the loss terms: the cross-entropy of the logits ('logits') and the auxiliary
+    terms the head returned (config first, then the head's defaults)."""
+    defaults = {LOGITS_TERM: 1.0, **head_spec(config.name).aux_weights}
     unknown = set(config.aux_weights) - set(defaults)
     if unknown:
         raise ConfigError(
-            f"head.aux_weights: {sorted(unknown)} are not auxiliary terms of {config.name} "
-            f"(its terms: {sorted(defaults) or 'none'})"
+            f"head.aux_weights: {sorted(unknown)} are not loss terms of {config.name} "
+            f"(its terms: {', '.join(sorted(defaults))})"
         )
     weights = {**defaults, **config.aux_weights}
+    present = present | {LOGITS_TERM}
     return {name: weights[name] for name in present if weights.get(name, 0.0) != 0.0}
 
 
@@ -116,7 +70,8 @@ def episode_tensors(
     positions: long [V_bank, T] frame positions of every bank video (the caller's policy), or
         a pair (support long [B, S, T], query long [B, Q, T]) of per-occurrence positions;
     views: long [V_bank] index into ``bank.views`` per video, or None for the first view.
-    text_classes: dataset class ids forming CLIP-FSAR's video-text table (training only).
+    text_classes: dataset class ids of the training text table, for heads whose training reads
+        class ids (`TrainingInputs.class_ids`; training only).
     """
     device = bank.device
     episodes = episodes.to(device)
@@ -145,11 +100,11 @@ def episode_tensors(
         return out
 
     extras: dict[str, torch.Tensor] = {}
-    layer = hsmr_layer(config)
-    if training and layer is not None:
-        extras["support_shallow"] = frames("support", layer)
-        extras["query_shallow"] = frames("query", layer)
-    if training and config.name == "clipfsar" and text_classes is not None:
+    needs = head_spec(config.name).training_inputs(config)
+    if training and needs.layer is not None:
+        extras["support_shallow"] = frames("support", needs.layer)
+        extras["query_shallow"] = frames("query", needs.layer)
+    if training and needs.class_ids and text_classes is not None:
         extras |= video_text_inputs(
             bank.class_text,
             text_classes,
