@@ -25,13 +25,10 @@ class GoldenEpisode:
     class_text_table: torch.Tensor | None  # [C, D] (sten, cpm2c, clipmei), else None
     class_text: torch.Tensor  # [1, N, D]: the table row of each episode label (zeros if no table)
     num_classes: int  # C
+    leaves: dict[str, torch.Tensor]  # golden input name -> the leaf tensor (grad_input checks)
 
     def inputs(self) -> dict[str, torch.Tensor]:
-        """Golden input name -> tensor, for the grad_input.<name> checks."""
-        named = {"support_features": self.support, "query_features": self.query}
-        if self.class_text_table is not None:
-            named["class_text_features"] = self.class_text_table
-        return named
+        return self.leaves
 
 
 def tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
@@ -69,4 +66,9 @@ def golden_episode(settings: dict, arrays: dict[str, np.ndarray], dtype) -> Gold
         table,
         class_text,
         num_classes,
+        {
+            "support_features": support,
+            "query_features": query,
+            **({"class_text_features": table} if table is not None else {}),
+        },
     )
