@@ -18,6 +18,7 @@ from fsar.failures import (
     stdout_closed,
     stdout_reader_gone,
 )
+from fsar.heads.registry import head_names
 from fsar.interrupts import RERUN_HINT, Interrupted
 
 # flag -> dotted config key, shared by the sub-commands that build a Config
@@ -284,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default="fsar-tiny-vit")
     demo.add_argument("--steps", type=int, default=None, help="training steps per head")
 
+    sub.add_parser("heads", help="list the registered few-shot heads with their options")
+
     show = sub.add_parser("config", help="print every config key with its default and meaning")
     _add_config_args(show)
     return parser
@@ -292,7 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_experiment_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", help="compose configs/datasets/NAME.yaml")
     parser.add_argument("--model", help="compose configs/models/NAME.yaml")
-    parser.add_argument("--head", choices=["proto_mean", "otam", "clipfsar", "clipspm"])
+    parser.add_argument(
+        "--head", choices=head_names(), help="few-shot head (fsar heads lists them)"
+    )
     parser.add_argument("--way", type=int, help="classes per episode")
     parser.add_argument("--shot", type=int, help="support videos per class (K)")
     parser.add_argument("--device", help="auto | cpu | cuda")
@@ -390,6 +395,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         )
     if args.command == "demo":
         return commands.demo(Path(args.workdir), args.model, args.steps)
+    if args.command == "heads":
+        return commands.list_heads()
     if args.command == "config":
         config = load_config(args.config, args.overrides)
         return commands.show_config(config)

@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from fsar.config import Config, ConfigError, parse_yaml, to_dict
+from fsar.heads.registry import HEADS
 
 
 def extract(config: Config) -> int:
@@ -211,6 +212,21 @@ def demo(workdir: Path, model: str, steps: int | None) -> int:
     result = run_demo(workdir, model, steps if steps is not None else 150)
     print(result.report.read_text(), end="")
     print(f"-> {result.report}")
+    return 0
+
+
+def list_heads() -> int:
+    """One block per registered head: title, citation, summary, options, loss terms."""
+    for spec in HEADS.values():
+        options = spec.config()
+        cited = f" ({spec.citation})" if spec.citation else ""
+        print(f"{spec.name}: {spec.title}{cited}\n  {spec.summary}")
+        shown = ", ".join(f"{key}={getattr(options, key)!r}" for key in options.own_fields())
+        print(f"  options: {shown or 'none'}")
+        terms = {"logits": 1.0, **spec.aux_weights}
+        print("  loss: " + " + ".join(f"{w:g}*{k}" for k, w in terms.items() if w))
+        if spec.official is not None:
+            print(f"  official weights: {spec.official.release} (--official FILE)")
     return 0
 
 

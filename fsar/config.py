@@ -449,7 +449,7 @@ def upgrade_config_dict(data: dict[str, Any], version: int) -> dict[str, Any]:
     """A config dict of an older CONFIG_VERSION, as the current version reads it (same numbers).
 
     Version 1 kept every head's keys in one flat section; the head used only its own, so the
-    others are dropped. Its OTAM aligned to class-mean frames with the soft-min temperature 0.5.
+    others are dropped, and the head's spec maps what changed meaning (`HeadSpec.from_v1`).
     """
     if version >= CONFIG_VERSION:
         return data
@@ -460,10 +460,8 @@ def upgrade_config_dict(data: dict[str, Any], version: int) -> dict[str, Any]:
     if spec is not None:
         own = {f.name for f in dataclasses.fields(spec.config)}
         head = {key: value for key, value in head.items() if key in own}
-        if name == "otam":  # version 1 semantics of the otam head
-            head.update(lam=0.5, prototype=True)
-        if name == "clipspm" and head.get("dim_head") is None:
-            head.pop("dim_head", None)
+        if spec.from_v1 is not None:
+            head = spec.from_v1(head)
     data["head"] = head
     return data
 

@@ -12,7 +12,7 @@ import torch
 
 from fsar.cache import open_store
 from fsar.cache.bank import load_bank
-from fsar.config import HeadConfig, load_config, with_overrides
+from fsar.config import load_config, with_overrides
 from fsar.data.release_frames import (
     clipspm_indices,
     clipspm_pad,
@@ -22,6 +22,7 @@ from fsar.data.release_frames import (
 from fsar.data.transforms import Preprocess, apply_view
 from fsar.data.video import open_source
 from fsar.extract.encoders import EncoderSpec, build_encoder
+from fsar.heads.registry import head_config
 from fsar.pipelines.build import build_head, episode_tensors
 from fsar.pipelines.episodes import EpisodeShape, fixed_episodes
 from fsar.pipelines.evaluate import EvalSetup, evaluate_episodes
@@ -127,7 +128,9 @@ def test_episodes_gather_the_features_of_the_source_frames_the_rule_drew(dense_s
     part = setup.episode_positions(2, episodes.slice(2, 5))
     assert torch.equal(part[0], support[2:5]) and torch.equal(part[1], query[2:5])
     # the gathered features are the encoder's output for exactly those source frames
-    gathered = episode_tensors(bank, episodes, (support, query), None, HeadConfig(), False)
+    gathered = episode_tensors(
+        bank, episodes, (support, query), None, head_config("clipspm"), False
+    )
     encoder = build_encoder(EncoderSpec("fsar-tiny-vit"))
     prep = Preprocess(resize=round(64 * 256 / 224), crop=64, normalize=True)
     row, source = expected_sources[0]  # episode 0's first support
@@ -137,9 +140,9 @@ def test_episodes_gather_the_features_of_the_source_frames_the_rule_drew(dense_s
     first = gathered.support[0, 0].numpy()
     np.testing.assert_allclose(first, direct.numpy(), atol=2e-3, rtol=2e-3)
     # two heads, two batch sizes: the same episodes and frames, so the same per-episode scores
-    head = build_head(HeadConfig(name="otam"), bank.feature_dim, {})
-    one = evaluate_episodes(head, setup, HeadConfig(name="otam"), episode_batch=1)
-    four = evaluate_episodes(head, setup, HeadConfig(name="otam"), episode_batch=4)
+    head = build_head(head_config("otam"), bank.feature_dim, {})
+    one = evaluate_episodes(head, setup, head_config("otam"), episode_batch=1)
+    four = evaluate_episodes(head, setup, head_config("otam"), episode_batch=4)
     np.testing.assert_array_equal(one.per_episode, four.per_episode)
     other = EvalSetup(bank, episodes, 8, "clipfsar_test", 4, dataset="folder")
     assert not torch.equal(other.episode_positions(0, episodes)[0], support)  # seeded by eval.seed

@@ -13,9 +13,9 @@ import torch
 
 from fsar.cache import StoreLayout, create_store, open_store
 from fsar.cache.bank import BankError, load_bank
-from fsar.config import HeadConfig
 from fsar.data.frames import FramePolicy, select_frames
 from fsar.heads import ProtoMeanHead
+from fsar.heads.registry import head_config
 from fsar.pipelines.build import episode_tensors
 from fsar.pipelines.episodes import (
     EpisodeSampler,
@@ -30,7 +30,7 @@ from fsar.pipelines.evaluate import EvalSetup, compare, evaluate_episodes
 
 RECIPE = {"model": "fsar-tiny-vit", "weights": "random:0", "preprocess": {"crop": 32}}
 T_CAP, DIM = 6, 8
-PROTO = HeadConfig(name="proto_mean")
+PROTO = head_config("proto_mean")
 
 
 def write_store(path, class_ids, splits, status, n_frames, features, layers=None):
@@ -353,7 +353,7 @@ def test_training_extras_carry_shallow_layers_and_the_video_text_table(bank):
 
     eps = fixed_episodes(bank, EpisodeShape(3, 1, 2), 4, seed=3)
     positions = torch.zeros(len(bank), 2, dtype=torch.long)
-    spm = HeadConfig(name="clipspm", hsmr_source="layer:block1")
+    spm = head_config("clipspm", hsmr_source="layer:block1")
     got = episode_tensors(bank, eps, positions, None, spm, training=True)
     assert set(got.extras) == {"support_shallow", "query_shallow"}
     rows = eps.support
@@ -365,7 +365,7 @@ def test_training_extras_carry_shallow_layers_and_the_video_text_table(bank):
     assert episode_tensors(bank, eps, positions, None, spm, training=False).extras == {}
 
     text_classes = torch.tensor([6, 2, 0, 1, 3, 4, 5, 7])  # a table in another order than ids
-    fsar_head = HeadConfig(name="clipfsar")
+    fsar_head = head_config("clipfsar")
     got = episode_tensors(bank, eps, positions, None, fsar_head, True, text_classes)
     assert torch.equal(got.extras["text_table"], bank.class_text[text_classes])
     for part in ("support", "query"):

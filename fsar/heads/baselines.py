@@ -92,6 +92,7 @@ PROTO_MEAN = HeadSpec(
     config=ProtoMeanConfig,
     build=lambda config, context: ProtoMeanHead(scale=config.proto_scale),
     head_type=ProtoMeanHead,
+    demo_lr=1e-4,
 )
 
 
@@ -108,4 +109,7 @@ OTAM = HeadSpec(
     build=_build_otam,
     head_type=OTAMHead,
     official=OfficialKeys(release="CLIP-FSAR codebase (CNN_OTAM)", wrapper_prefix="head."),
+    demo_lr=1e-4,
+    # before the zoo, otam aligned to class-mean frames with the soft-min temperature 0.5
+    from_v1=lambda options: {**options, "lam": 0.5, "prototype": True},
 )

@@ -193,4 +193,8 @@ SPEC = HeadSpec(
         ),
         markers=("context2.",),
     ),
+    tiny={"heads": 4, "dim_head": 16, "mlp_dim": 128},
+    # On the demo's random-init features it overfits within ~50 steps at higher rates.
+    demo_lr=3e-5,
+    published_key="clip_fsar",
 )

@@ -312,7 +312,7 @@ SPEC = HeadSpec(
     name="clipspm",
     title="CLIP-SPM",
     summary="HSMR motion refinement, SPM prompts, PADM prototypes + OTAM (the CLIP-SPM release)",
-    citation="CLIP-SPM, arXiv 2512.19036",
+    citation="arXiv 2512.19036",
     config=CLIPSPMConfig,
     build=build,
     head_type=CLIPSPMHead,
@@ -334,4 +334,9 @@ SPEC = HeadSpec(
         markers=("context1.", "gate_text.", "gate_vision.", "token_tr.", "motion_conv", "mo_alpha"),
         unused=lambda head: {"scale": torch.ones(1)},
     ),
+    tiny={"heads": 4, "dim_head": 16, "mlp_dim": 128, "prompt_hidden": 128},
+    demo_lr=5e-5,
+    published_key="clip_spm",
+    # version 1 wrote dim_head: null for "256"
+    from_v1=lambda options: {k: v for k, v in options.items() if k != "dim_head" or v is not None},
 )

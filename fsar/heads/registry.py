@@ -14,7 +14,7 @@ from . import baselines, clipfsar, clipspm
 from .output import FewShotHead
 from .spec import BuildContext, HeadConfig, HeadSpec
 
-__all__ = ["HEADS", "head_names", "head_spec", "spec_of", "build_head"]
+__all__ = ["HEADS", "head_names", "head_spec", "head_config", "spec_of", "build_head"]
 
 _SPECS: tuple[HeadSpec, ...] = (
     baselines.PROTO_MEAN,
@@ -43,6 +43,11 @@ def spec_of(head: nn.Module) -> HeadSpec | None:
         if type(head) is spec.head_type:
             return spec
     return None
+
+
+def head_config(name: str, **options) -> HeadConfig:
+    """The typed options of head `name` (defaults, then `options`)."""
+    return head_spec(name).config(**options)
 
 
 def build_head(config: HeadConfig, context: BuildContext) -> FewShotHead:

@@ -133,3 +133,12 @@ class HeadSpec:
     training_inputs: Callable[[Any], TrainingInputs] = _no_inputs
     official: OfficialKeys | None = None
     citation: str = ""  # paper, venue and year
+    # Options sized for the 64-d tiny test models (tests, demo, benchmarks); the defaults are
+    # the releases' widths.
+    tiny: Mapping[str, Any] = field(default_factory=dict)
+    # Learning rate in the demo report (None: the head is not part of the demo).
+    demo_lr: float | None = None
+    # Config version 1 (one flat head section) -> this head's options, with the same numbers.
+    from_v1: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    # Key of the method in the published results (../shared/reference/paper_results.yaml).
+    published_key: str | None = None

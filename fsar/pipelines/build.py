@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from fsar.cache.bank import FeatureBank
@@ -27,6 +28,12 @@ def build_head(
 ) -> FewShotHead:
     """A freshly initialised head of the registry (seed torch first for reproducible weights)."""
     return registry_build(config, BuildContext(feature_dim, dict(layer_dims), num_train_classes))
+
+
+def train_class_count(store) -> int:
+    """Classes of a store's training split (the width of per-class layers such as HyRSM's)."""
+    rows = store.split_indices("train", done_only=False)
+    return int(np.unique(store.class_ids[rows]).size)
 
 
 def aux_weights(config: HeadConfig, present: set[str]) -> dict[str, float]:

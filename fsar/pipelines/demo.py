@@ -20,19 +20,18 @@ from fsar.cache import open_store
 from fsar.cache.bank import load_bank
 from fsar.config import Config, load_config, with_overrides
 from fsar.data.synthetic import DemoSpec, demo_pairs, render_demo_dataset
+from fsar.heads.registry import HEADS
 from fsar.pipelines.episodes import EpisodeIndex, EpisodeSampler, EpisodeShape
 from fsar.pipelines.evaluate import EvalOutcome, EvalSetup, compare, evaluate_episodes
 from fsar.pipelines.report import write_report
 from fsar.pipelines.run_eval import load_head_source, run_evaluation
 from fsar.pipelines.train import train_heads
 
-DEMO_HEADS = ("proto_mean", "otam", "clipfsar", "clipspm")
-# Head widths and solver settings sized for a 64-d tiny model on 2 CPU cores.
+# The heads of the demo report, in registry order (each spec's demo_lr); the first is the
+# baseline of the paired differences. Their widths come from the spec's `tiny` options.
+DEMO_HEADS = tuple(name for name, spec in HEADS.items() if spec.demo_lr is not None)
+# Solver settings sized for a 64-d tiny model on 2 CPU cores.
 DEMO_SETTINGS = {
-    "head.heads": 4,
-    "head.dim_head": 16,
-    "head.mlp_dim": 128,
-    "head.prompt_hidden": 128,
     "train.tasks_per_batch": 8,
     "train.episode_batch": 8,
     "train.val_every": 25,
@@ -44,10 +43,6 @@ DEMO_SETTINGS = {
     "episodes.shot": 1,
     "episodes.query": 1,
 }
-# On 12 training classes of random-init features the learned heads overfit within ~50 steps at
-# higher rates (the learning curves of the report show it); these rates keep the val curve flat
-# (CLIP-FSAR, which starts as OTAM) or rising (CLIP-SPM) over the default 150 steps.
-DEMO_LEARNING_RATES = {"proto_mean": 1e-4, "otam": 1e-4, "clipfsar": 3e-5, "clipspm": 5e-5}
 
 
 @dataclass
@@ -93,7 +88,10 @@ def run_demo(
             config,
             {
                 "head.name": head,
-                "train.lr": DEMO_LEARNING_RATES[head],
+                **{f"head.{key}": value for key, value in HEADS[head].tiny.items()},
+                # On 12 training classes of random-init features the learned heads overfit
+                # within ~50 steps at higher rates (the report's learning curves show it).
+                "train.lr": HEADS[head].demo_lr,
                 "train.out": str(workdir / "runs" / head),
                 "eval.out": str(workdir / "results" / f"{head}_test_5way_1shot.json"),
             },
@@ -107,7 +105,7 @@ def run_demo(
     pair_accuracy = {h: (o.accuracy, o.ci95) for h, o in pair_outcomes.items()}
     pair_gain = {}
     for head, outcome in pair_outcomes.items():
-        paired = compare(outcome, pair_outcomes["proto_mean"])
+        paired = compare(outcome, pair_outcomes[DEMO_HEADS[0]])
         pair_gain[head] = (paired.difference, paired.ci95)
     full_report = write_report(
         [workdir / "results"],

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from fsar.atomic import write_atomic
-from fsar.config import Config, ConfigError, build_dataclass, to_dict
+from fsar.config import CONFIG_VERSION, Config, ConfigError, config_from_record, to_dict
 from fsar.data.datasets import dataset_from_config
 from fsar.data.frames import FramePolicy, parse_frame_policy
 from fsar.data.transforms import Preprocess
@@ -43,9 +43,10 @@ from fsar.extract.prompts import encode_class_names, resolve_templates
 from fsar.extract.recipe import preprocess_from_config
 from fsar.extract.runner import cpu_threads_beside_workers, encoder_spec
 from fsar.heads import episode_loss
+from fsar.heads.registry import head_spec
 from fsar.interrupts import Interrupted, stop_on_signals
 from fsar.pipelines.backbone import VideoModel, enable_grad_checkpointing, freeze_first_blocks
-from fsar.pipelines.build import aux_weights, build_head, hsmr_layer, video_text_inputs
+from fsar.pipelines.build import aux_weights, build_head, video_text_inputs
 from fsar.pipelines.checkpoint import encoder_recipe
 from fsar.pipelines.clips import (
     TrainEpisodes,
@@ -123,7 +124,9 @@ def test_frame_options(config: Config) -> dict[str, Any]:
     }
 
 
-def build_video_model(config: Config, class_names, device: torch.device) -> Setup:
+def build_video_model(
+    config: Config, class_names, device: torch.device, num_train_classes: int | None = None
+) -> Setup:
     """The open_clip encoder (weights as ``fsar extract`` loads them) + a fresh head.
 
     The class text is encoded once with the (frozen) text tower, which is then dropped: the
@@ -138,10 +141,10 @@ def build_video_model(config: Config, class_names, device: torch.device) -> Setu
     class_text = class_text.mean(dim=1).to(device)
     visual = encoder.model.visual
     prep = preprocess_from_config(config, encoder.image_size)
-    shallow = hsmr_layer(config.head)
+    shallow = head_spec(config.head.name).training_inputs(config.head).layer
     layer_dims = probe_layer_dims(visual, shallow, prep.crop, device)
     torch.manual_seed(config.train.seed)  # the head's initial weights
-    head = build_head(config.head, encoder.embed_dim, layer_dims)
+    head = build_head(config.head, encoder.embed_dim, layer_dims, num_train_classes)
     model = VideoModel(visual, head, prep, shallow).to(device)
     record = {
         "model": spec.model,
@@ -160,10 +163,10 @@ def build_video_model(config: Config, class_names, device: torch.device) -> Setu
 
 def load_video_model(payload: dict[str, Any], class_names, device: torch.device) -> Setup:
     """The encoder and head of a finetune checkpoint, rebuilt as the run built them."""
-    config = build_dataclass(Config, payload["config"], "")
+    config = config_from_record(payload)
     # the encoder's weights come from the checkpoint: skip the run's initial visual weights
     config = replace(config, model=replace(config.model, checkpoint=None))
-    setup = build_video_model(config, class_names, device)
+    setup = build_video_model(config, class_names, device, payload.get("num_train_classes"))
     if setup.encoder_record["text_weights"] != payload["encoder"]["text_weights"]:
         raise ConfigError(
             f"the text encoder now resolves to {setup.encoder_record['text_weights']}, the run "
@@ -210,7 +213,8 @@ def finetune(config: Config, progress: bool = True) -> FinetuneResult:
     )
     test_shape = EpisodeShape(config.episodes.way, config.episodes.shot, config.episodes.query)
     select_episodes = fixed_episodes(select_videos, test_shape, tr.val_episodes, config.eval.seed)
-    setup = build_video_model(config, dataset.class_names, device)
+    train_classes = torch.unique(train_videos.class_ids)
+    setup = build_video_model(config, dataset.class_names, device, len(train_classes))
     model = setup.model
     frozen = freeze_first_blocks(model.visual, ft.freeze_blocks)
     if ft.grad_checkpointing:
@@ -260,7 +264,6 @@ def finetune(config: Config, progress: bool = True) -> FinetuneResult:
         pin_memory=device.type == "cuda",
         worker_init_fn=ignore_interrupts_in_worker,
     )
-    train_classes = torch.unique(train_videos.class_ids)
     logger = MetricLogger(out, enabled=dist.rank == 0)
     show = progress and dist.rank == 0
     bar = tqdm(total=tr.steps, initial=state.step, unit="step", desc="finetune", disable=not show)
@@ -364,7 +367,7 @@ def train_micro_batch(
     """Forward + backward of one micro-batch; returns (loss * episodes, correct, queries)."""
     index = batch.episodes.to(device)
     extras = {"query_labels": index.query_labels}
-    if config.head.name == "clipfsar":
+    if head_spec(config.head.name).training_inputs(config.head).class_ids:
         extras |= video_text_inputs(
             class_text,
             train_classes,
@@ -536,10 +539,12 @@ def run_record(
     return {
         "regime": REGIME,
         "config": to_dict(config),
+        "config_version": CONFIG_VERSION,
         "protocol": to_dict(config.protocol),
         "head_name": config.head.name,
         "feature_dim": int(setup.class_text.shape[-1]),
         "layer_dims": setup.layer_dims,
+        "num_train_classes": int(torch.unique(train_videos.class_ids).numel()),
         "encoder": enc,
         "frozen_parameters": len(frozen),
         "world_size": dist.world_size,

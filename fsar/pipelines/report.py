@@ -18,6 +18,7 @@ import numpy as np
 
 from fsar.atomic import atomic_file, write_atomic
 from fsar.errors import FsarError
+from fsar.heads.registry import HEADS
 from fsar.pipelines.plots import (
     confusion_title,
     dataset_sort_key,
@@ -35,8 +36,6 @@ TEST_SELECTED = "†"  # marks a cell whose model was selected on the test split
 DUPLICATE = "‡"  # marks a cell holding more than one result
 INTERVAL = "95% interval 1.96·std/√n over the n evaluation episodes"
 SPLIT_ORDER = {"val": 0, "test": 1}
-# Heads whose release published numbers, keyed into paper_results.yaml.
-PUBLISHED_KEYS = {"clipspm": "clip_spm", "clipfsar": "clip_fsar"}
 
 
 class ReportError(FsarError, ValueError):
@@ -263,7 +262,8 @@ def _published_rows(
         return lines, notes
     pairs = sorted({(r["head"], r["backbone"]) for r in results if r.get("head")})
     for head, backbone in pairs:
-        block = published.get(PUBLISHED_KEYS.get(head, ""), {})
+        spec = HEADS.get(head)
+        block = published.get(spec.published_key or "", {}) if spec else {}
         # paper_results.yaml writes "ViT-B/16" where open_clip names say "ViT-B-16".
         numbers = next(
             (v for k, v in block.items() if k.replace("/", "-") == backbone.replace("/", "-")),

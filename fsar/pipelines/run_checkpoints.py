@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fsar.atomic import clean_partial
-from fsar.config import ConfigError
+from fsar.config import ConfigError, upgrade_config_dict
 from fsar.pipelines.checkpoint import (
     CheckpointError,
     CheckpointWriteError,
@@ -129,7 +129,11 @@ def check_resumable(last: Path, payload: dict, record: dict, compared: tuple[str
     if payload.get("regime") != record.get("regime"):
         command = "fsar finetune" if payload.get("regime") == "e2e" else "fsar train"
         raise ConfigError(f"cannot resume {last}: {command} wrote it; pick a new --out")
-    conflicts = resume_conflicts(payload, record, compared, int(payload["step"]))
+    saved = {
+        **payload,
+        "config": upgrade_config_dict(payload["config"], int(payload.get("config_version", 1))),
+    }
+    conflicts = resume_conflicts(saved, record, compared, int(payload["step"]))
     if conflicts:
         raise ConfigError(
             f"cannot resume {last}: it was written with other settings ({'; '.join(conflicts)}); "

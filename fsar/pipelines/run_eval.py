@@ -16,10 +16,18 @@ import torch
 
 from fsar.cache import open_store
 from fsar.cache.bank import load_bank
-from fsar.config import Config, ConfigError, HeadConfig, ProtocolConfig, build_dataclass, to_dict
+from fsar.config import (
+    Config,
+    ConfigError,
+    HeadConfig,
+    ProtocolConfig,
+    build_dataclass,
+    config_from_record,
+    to_dict,
+)
 from fsar.devices import resolve_device
 from fsar.heads import FewShotHead, load_official
-from fsar.pipelines.build import build_head
+from fsar.pipelines.build import build_head, train_class_count
 from fsar.pipelines.checkpoint import (
     NonFiniteWeights,
     check_store_fits,
@@ -46,20 +54,32 @@ class HeadSource:
 
 
 def load_head_source(
-    config: Config, checkpoint: str | None, device: torch.device, bank
+    config: Config,
+    checkpoint: str | None,
+    device: torch.device,
+    bank,
+    num_train_classes: int | None = None,
 ) -> HeadSource:
+    """The head to score: an fsar checkpoint's, an official one's, or a parameter-free head.
+
+    num_train_classes: classes of the store's training split (heads with per-class layers)."""
     ev = config.eval
     if checkpoint and ev.official:
         raise ConfigError("eval.checkpoint and eval.official are exclusive: pass one of them")
     if checkpoint:
         payload = load_checkpoint(checkpoint)
-        head_config = build_dataclass(HeadConfig, payload["config"]["head"], "head.")
+        head_config = config_from_record(payload).head
         protocol = build_dataclass(ProtocolConfig, payload["protocol"], "protocol.")
-        head = build_head(head_config, payload["feature_dim"], payload["layer_dims"])
+        head = build_head(
+            head_config,
+            payload["feature_dim"],
+            payload["layer_dims"],
+            payload.get("num_train_classes"),
+        )
         head.load_state_dict(payload["head"])
         check_finite_weights(head, str(checkpoint))
         return HeadSource(head.to(device), head_config, protocol, payload, head_config.name)
-    head = build_head(config.head, bank.feature_dim, bank.layer_dims)
+    head = build_head(config.head, bank.feature_dim, bank.layer_dims, num_train_classes)
     if ev.official:
         load_official(head, ev.official)
         check_finite_weights(head, ev.official)
@@ -110,7 +130,7 @@ def run_evaluation(
     frames = store_frames(store.recipe)
     check_store_frames("protocol.test_frames", test_frames, frames, dataset, store.path)
     bank = load_bank(store, ev.split, device, ["center"], [])
-    source = load_head_source(config, checkpoint, device, bank)
+    source = load_head_source(config, checkpoint, device, bank, train_class_count(store))
     if source.checkpoint is not None:
         check_store_fits(source.checkpoint, store.recipe, store.path, checkpoint)
     shape = EpisodeShape(config.episodes.way, config.episodes.shot, config.episodes.query)
@@ -161,7 +181,7 @@ def run_decoded_evaluation(
         )
     if not config.dataset.root:
         raise ConfigError("eval.decode needs the videos: pass --root DIR")
-    trained = build_dataclass(Config, payload["config"], "")
+    trained = config_from_record(payload)
     device = resolve_device(ev.device)
     dataset = load_dataset(
         trained.dataset.name,

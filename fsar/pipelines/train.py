@@ -26,12 +26,13 @@ from tqdm import tqdm
 from fsar.atomic import write_atomic
 from fsar.cache import open_store
 from fsar.cache.bank import FeatureBank, load_bank
-from fsar.config import Config, ConfigError, check_head_batching, to_dict
+from fsar.config import CONFIG_VERSION, Config, ConfigError, check_head_batching, to_dict
 from fsar.devices import resolve_device
 from fsar.errors import FsarError
 from fsar.heads import FewShotHead, episode_loss
+from fsar.heads.registry import head_spec
 from fsar.interrupts import stop_on_signals
-from fsar.pipelines.build import aux_weights, build_head, episode_tensors, hsmr_layer
+from fsar.pipelines.build import aux_weights, build_head, episode_tensors
 from fsar.pipelines.checkpoint import encoder_recipe
 from fsar.pipelines.episodes import (
     EpisodeSampler,
@@ -92,7 +93,8 @@ def train_heads(config: Config, progress: bool = True) -> TrainResult:
     seq_len = int(store.recipe["seq_len"])
     dataset = store.recipe.get("dataset")
     check_protocol_frames(config.protocol, store, dataset)
-    layers = [hsmr_layer(config.head)] if hsmr_layer(config.head) else []
+    layer = head_spec(config.head.name).training_inputs(config.head).layer
+    layers = [layer] if layer else []
     train_bank = load_bank(store, "train", device, config.protocol.train_views, layers)
     select_bank = load_bank(store, config.protocol.selection_split, device, ["center"], layers)
     sampler = EpisodeSampler(
@@ -115,7 +117,10 @@ def train_heads(config: Config, progress: bool = True) -> TrainResult:
     )
     train_rule = resolve_rule(config.protocol.train_frames, dataset)
     torch.manual_seed(tr.seed)
-    head = build_head(config.head, train_bank.feature_dim, train_bank.layer_dims).to(device)
+    train_classes = torch.unique(train_bank.class_ids)
+    head = build_head(
+        config.head, train_bank.feature_dim, train_bank.layer_dims, len(train_classes)
+    ).to(device)
     params = [p for p in head.parameters() if p.requires_grad]
     optimizer = (
         torch.optim.Adam(params, lr=tr.lr, betas=tuple(tr.betas), weight_decay=tr.weight_decay)
@@ -132,7 +137,6 @@ def train_heads(config: Config, progress: bool = True) -> TrainResult:
     write_atomic(out / "config.json", (json.dumps(record, indent=2) + "\n").encode())
     steps = tr.steps if optimizer is not None else 0
     logger = MetricLogger(out, enabled=True)
-    train_classes = torch.unique(train_bank.class_ids)
     started, episodes_done = time.perf_counter(), 0
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16)
@@ -367,10 +371,12 @@ def run_record(config: Config, store, train_bank: FeatureBank, select) -> dict[s
     recipe = store.recipe
     return {
         "config": to_dict(config),
+        "config_version": CONFIG_VERSION,
         "protocol": to_dict(config.protocol),
         "head_name": config.head.name,
         "feature_dim": train_bank.feature_dim,
         "layer_dims": train_bank.layer_dims,
+        "num_train_classes": int(torch.unique(train_bank.class_ids).numel()),
         "store": {
             "path": str(store.path),
             "fingerprint": store.fingerprint,

@@ -14,4 +14,7 @@ def head_options(settings: dict) -> dict:
 def release_outputs(head, episode) -> dict:
     out = head(episode.support, episode.support_labels, episode.query, episode.class_text)
     logits = out.logits[0]
-    return {"output.logits": logits, "output.loss": F.cross_entropy(logits, episode.query_labels[0])}
+    return {
+        "output.logits": logits,
+        "output.loss": F.cross_entropy(logits, episode.query_labels[0]),
+    }
