@@ -5,28 +5,38 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fsar.heads import HEADS as HEAD_SPECS
 from fsar.heads import (
+    BuildContext,
     CLIPFSARHead,
     CLIPSPMHead,
     EpisodeError,
     HeadOutput,
     OTAMHead,
-    ProtoMeanHead,
+    build_head,
     episode_loss,
 )
+from fsar.heads.registry import head_config
 
 D, T, WAY, SHOT, QPC = 32, 5, 4, 2, 2
 SMALL_SPM = dict(heads=2, dim_head=8, mlp_dim=48, prompt_hidden=40)
 
-# name -> factory; every head here must satisfy the whole contract
-HEADS = {
-    "proto_mean": lambda: ProtoMeanHead(),
-    "otam": lambda: OTAMHead(),
+NUM_CLASSES = 10  # training classes of the per-class layers (HyRSM's frame classifier)
+
+
+def _registered(name: str):
+    spec = HEAD_SPECS[name]
+    return lambda: build_head(head_config(name, **spec.tiny), BuildContext(D, {}, NUM_CLASSES))
+
+
+# name -> factory; every head here must satisfy the whole contract: every registered head with
+# its tiny widths, then variants of their switches.
+HEADS = {name: _registered(name) for name in HEAD_SPECS} | {
     "otam_one_way": lambda: OTAMHead(bidirectional=False),
-    "clipfsar": lambda: CLIPFSARHead(D, mlp_dim=48),
+    "otam_prototype": lambda: OTAMHead(lam=0.5, prototype=True),
     "clipfsar_merge_before": lambda: CLIPFSARHead(D, mlp_dim=48, merge_before=True),
     "clipfsar_fusion": lambda: CLIPFSARHead(D, mlp_dim=48, fusion_beta=0.9),
-    "clipspm": lambda: CLIPSPMHead(D, **SMALL_SPM),
+    "clipspm_small": lambda: CLIPSPMHead(D, **SMALL_SPM),
     "clipspm_no_hsmr": lambda: CLIPSPMHead(D, **SMALL_SPM, hsmr=False),
     "clipspm_no_spm": lambda: CLIPSPMHead(D, **SMALL_SPM, spm="none"),
     "clipspm_no_padm": lambda: CLIPSPMHead(D, **SMALL_SPM, padm=False),
@@ -34,13 +44,6 @@ HEADS = {
     "clipspm_consistency": lambda: CLIPSPMHead(
         D, **SMALL_SPM, consistency_weight=1.0, text_distance_weight=1.0
     ),
-}
-PADM_HEADS = {
-    "clipspm",
-    "clipspm_no_hsmr",
-    "clipspm_no_spm",
-    "clipspm_learnable_alpha",
-    "clipspm_consistency",
 }
 
 
@@ -148,15 +151,22 @@ def test_head_runs_in_float32_and_matches_float64(name):
     torch.testing.assert_close(out32.logits.double(), out64.logits, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", [n for n in HEADS if n.startswith("clip")])
+def training_inputs(name: str, sl: torch.Tensor, ql: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The training-only inputs a registered head declares (class ids into a text table)."""
+    spec = HEAD_SPECS[name]
+    if not spec.training_inputs(head_config(name, **spec.tiny)).class_ids:
+        return {}
+    table = torch.randn(NUM_CLASSES, D, dtype=torch.float64)
+    return dict(support_class_ids=sl + 3, query_class_ids=ql + 3, text_table=table)
+
+
+@pytest.mark.parametrize(
+    "name", [n for n in HEAD_SPECS if any(True for _ in HEADS[n]().parameters())]
+)
 def test_a_training_step_reaches_every_parameter(name):
     head = make_head(name).train()
     s, sl, q, ct, ql = make_episodes()
-    kwargs = {}
-    if isinstance(head, CLIPFSARHead):
-        table = torch.randn(10, D, dtype=torch.float64)
-        kwargs = dict(support_class_ids=sl + 3, query_class_ids=ql + 3, text_table=table)
-    out = head(s, sl, q, ct, query_labels=ql, **kwargs)
+    out = head(s, sl, q, ct, query_labels=ql, **training_inputs(name, sl, ql))
     episode_loss(out, ql, {k: 0.001 for k in out.aux}).backward()
     missing = [
         n for n, p in head.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()
@@ -291,7 +301,7 @@ def _bad_inputs():
 def test_bad_inputs_raise_one_clear_error(name, case):
     (s, sl, q, ct, ql), message = _bad_inputs()[case]
     head = make_head(name)
-    if case == "unequal shots" and name not in PADM_HEADS:
+    if case == "unequal shots" and not head.require_equal_shots:
         assert run(head, s, sl, q, ct, ql).logits.shape == (2, q.shape[1], WAY)
         return
     with pytest.raises(EpisodeError, match=message):
