@@ -310,9 +310,9 @@ def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> Conf
                 f"{path}: top level must be a mapping of sections, got {type(data).__name__}"
             )
         _deep_merge(merged, data)
-    parsed = [parse_override(item) for item in overrides]
-    _switch_head(merged, dict(parsed))
-    for key, value in parsed:
+    for item in overrides:
+        key, value = parse_override(item)
+        _switch_head(merged, key, value)
         _set_dotted(merged, key, value)
     config = build_dataclass(Config, merged, prefix="")
     validate(config)
@@ -322,21 +322,21 @@ def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> Conf
 def with_overrides(config: Config, overrides: dict[str, Any]) -> Config:
     """A validated copy of ``config`` with dotted keys set (e.g. {"head.hsmr": False})."""
     data = to_dict(config)
-    _switch_head(data, overrides)
     for key, value in overrides.items():
+        _switch_head(data, key, value)
         _set_dotted(data, key, value)
     new = build_dataclass(Config, data, prefix="")
     validate(new)
     return new
 
 
-def _switch_head(tree: dict, overrides: dict[str, Any]) -> None:
-    """An override of head.name to another head starts from that head's defaults: the head
-    options set so far belong to the previous head (other head.* overrides still apply)."""
-    if "head.name" not in overrides:
+def _switch_head(tree: dict, key: str, value: Any) -> None:
+    """Setting head.name to another head starts from that head's defaults: the head options
+    set before belong to the previous head (later head.* overrides apply to the new one)."""
+    if key != "head.name":
         return
     head = tree.get("head") or {}
-    if isinstance(head, dict) and head.get("name", HeadConfig.name) != overrides["head.name"]:
+    if isinstance(head, dict) and head.get("name", HeadConfig.name) != value:
         tree["head"] = {}
 
 

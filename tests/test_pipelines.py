@@ -25,11 +25,12 @@ from fsar.pipelines.checkpoint import load_checkpoint
 
 from .conftest import REPO, run_fsar
 
-SMALL_HEAD = [
-    "head.heads=2",
-    "head.dim_head=8",
-    "head.mlp_dim=32",
-    "head.prompt_hidden=32",
+# Head widths for the tiny runs (each head takes only its own options), then solver settings.
+SMALL_WIDTHS = {
+    "clipspm": ["head.heads=2", "head.dim_head=8", "head.mlp_dim=32", "head.prompt_hidden=32"],
+    "clipfsar": ["head.heads=2", "head.dim_head=8", "head.mlp_dim=32"],
+}
+SMALL_RUN = [
     "train.tasks_per_batch=4",
     "train.episode_batch=2",
     "train.val_episodes=40",
@@ -38,6 +39,14 @@ SMALL_HEAD = [
     "eval.episode_batch=30",
     "train.lr=1e-3",
 ]
+
+
+def small_head(name: str = "clipspm") -> list[str]:
+    """Overrides of a tiny run of head `name` (after head.name / --head)."""
+    return SMALL_WIDTHS.get(name, []) + SMALL_RUN
+
+
+SMALL_HEAD = small_head("clipspm")
 
 
 def extract_store(root: Path, out: Path, model: str, splits: str = "[train,val,test]") -> Path:
@@ -76,7 +85,7 @@ def train_args(store: Path, out: Path, head: str = "clipspm", steps: int = 6) ->
         "--steps",
         str(steps),
         "train.val_every=3",
-        *SMALL_HEAD,
+        *small_head(head),
     ]
 
 
