@@ -120,12 +120,16 @@ def test_zoo_official_keys_round_trip(name):
     from fsar.heads import to_official
 
     settings, arrays = load(name)
-    head, _, _ = build(settings, arrays, name, torch.float32)
+    head, method, _ = build(settings, arrays, name, torch.float32)
     params = {k[6:]: tensor(v, torch.float32) for k, v in arrays.items() if k.startswith("param.")}
     back = to_official(head)
     for key, value in params.items():
         torch.testing.assert_close(back[key], value, rtol=0, atol=0, msg=key)
-    unused = set(settings.get("unused_params", {}))
+    # a release module registered under two names is saved under both (not stored twice here)
+    aliases = getattr(method, "OFFICIAL_ALIASES", {})
+    for alias, key in aliases.items():
+        torch.testing.assert_close(back[alias], params[key], rtol=0, atol=0, msg=alias)
+    unused = set(settings.get("unused_params", {})) | set(aliases)
     assert set(back) - set(params) <= unused | _non_trainable(back), sorted(set(back) - set(params))
 
 

@@ -21,11 +21,14 @@ from .blocks import (
 from .clipfsar import CLIPFSARHead
 from .clipspm import SPM_CHOICES, CLIPSPMHead, parse_hsmr_source
 from .clipspm_parts import HSMR, PADM, ClassMeanOTAM, PromptGenerator, TextVideoFusion
+from .crosstransformer import CrossTransformerHead
 from .otam import OTAM_LAMBDA, frame_distances, otam_bidirectional, otam_distance, otam_one_way
 from .output import Episode, EpisodeError, FewShotHead, HeadOutput, episode_loss
 from .reference import load_official, official_key_map, to_official
 from .registry import HEADS, build_head, head_names, head_spec, spec_of
 from .spec import BuildContext, HeadConfig, HeadSpec, OfficialKeys, TrainingInputs
+from .sten import STENHead
+from .tsn import TSNHead
 
 __all__ = [
     "HEADS",
@@ -43,6 +46,7 @@ __all__ = [
     "CLIPSPMHead",
     "COS_SIM_EPS",
     "ClassMeanOTAM",
+    "CrossTransformerHead",
     "Episode",
     "EpisodeError",
     "FeedForward",
@@ -57,9 +61,11 @@ __all__ = [
     "PromptGenerator",
     "ProtoMeanHead",
     "SPM_CHOICES",
+    "STENHead",
     "TemporalConv",
     "TextVideoFusion",
     "TransformerLayer",
+    "TSNHead",
     "cos_sim",
     "episode_loss",
     "frame_distances",

@@ -6,5 +6,8 @@ Each module exposes:
   episode (`tests.zoo_golden_support.GoldenEpisode`) and returns the outputs under the golden
   file's names, including `output.loss` computed with the release's formula from the head's
   logits and aux terms (the test backpropagates it);
-- `REQUIRED_OUTPUTS`: output keys that must be compared for every file of the method.
+- `REQUIRED_OUTPUTS`: output keys that must be compared for every file of the method;
+- optional `OFFICIAL_ALIASES = {official key: stored official key}`: entries the release's state
+  dict repeats under a second name (one module registered twice), which the golden files store
+  once; `to_official` must write them equal to the stored one.
 """
