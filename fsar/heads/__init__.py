@@ -26,6 +26,7 @@ from .output import Episode, EpisodeError, FewShotHead, HeadOutput, episode_loss
 from .reference import load_official, official_key_map, to_official
 from .registry import HEADS, build_head, head_names, head_spec, spec_of
 from .spec import BuildContext, HeadConfig, HeadSpec, OfficialKeys, TrainingInputs
+from .trx import TRXHead, TupleCrossTransformer
 
 __all__ = [
     "HEADS",
@@ -57,9 +58,11 @@ __all__ = [
     "PromptGenerator",
     "ProtoMeanHead",
     "SPM_CHOICES",
+    "TRXHead",
     "TemporalConv",
     "TextVideoFusion",
     "TransformerLayer",
+    "TupleCrossTransformer",
     "cos_sim",
     "episode_loss",
     "frame_distances",
