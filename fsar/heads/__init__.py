@@ -28,6 +28,7 @@ from .reference import load_official, official_key_map, to_official
 from .registry import HEADS, build_head, head_names, head_spec, spec_of
 from .spec import BuildContext, HeadConfig, HeadSpec, OfficialKeys, TrainingInputs
 from .sten import STENHead
+from .trx import TRXHead, TupleCrossTransformer
 from .tsn import TSNHead
 
 __all__ = [
@@ -66,6 +67,8 @@ __all__ = [
     "TextVideoFusion",
     "TransformerLayer",
     "TSNHead",
+    "TRXHead",
+    "TupleCrossTransformer",
     "cos_sim",
     "episode_loss",
     "frame_distances",

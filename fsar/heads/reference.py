@@ -3,14 +3,16 @@
 `load_official(head, state_dict_or_path)` copies an official state dict (or a release checkpoint
 `{'model_state_dict': ...}`, or the alibaba framework's `{'model_state': {'head.<key>': ...}}`)
 into a head, as each head's spec (`OfficialKeys`) names them; `to_official(head)` gives the
-state dict under the official names. Keys starting with `backbone.` are ignored; any other key the
-head does not know, and any head parameter the state dict lacks, is a `CheckpointError` naming keys
-(and the `--head` to pass when the file holds another release's head).
+state dict under the official names. Keys starting with `backbone.` are ignored, and so are the
+entries a head recomputes (`OfficialKeys.derived`); any other key the head does not know, and any
+head parameter the state dict lacks, is a `CheckpointError` naming keys (and the `--head` to pass
+when the file holds another release's head).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 
 import torch
@@ -72,6 +74,10 @@ def to_official(head: nn.Module) -> dict[str, Tensor]:
 
 def _unused(head: nn.Module, keys: OfficialKeys) -> dict[str, Tensor]:
     return keys.unused(head) if keys.unused is not None else {}
+
+
+def _derived(keys: OfficialKeys, key: str) -> bool:
+    return any(re.fullmatch(pattern, key) for pattern in keys.derived)
 
 
 def _read_state_dict(source: Mapping[str, Tensor] | str | os.PathLike) -> Mapping[str, Tensor]:
@@ -156,7 +162,9 @@ def load_official(
     if wrong_head is not None:
         raise wrong_head
     unused = _unused(head, keys)
-    unknown = sorted(k for k in relevant if k not in key_map and k not in unused)
+    unknown = sorted(
+        k for k in relevant if k not in key_map and k not in unused and not _derived(keys, k)
+    )
     if unknown:
         raise CheckpointError(
             f"{where}: keys unknown to this {spec.title} head (built with these switches): "

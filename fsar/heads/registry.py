@@ -10,7 +10,7 @@ from torch import nn
 
 from fsar.errors import ConfigError
 
-from . import baselines, clipfsar, clipspm, crosstransformer, sten, tsn
+from . import baselines, clipfsar, clipspm, crosstransformer, sten, trx, tsn
 from .output import FewShotHead
 from .spec import BuildContext, HeadConfig, HeadSpec
 
@@ -24,6 +24,7 @@ _SPECS: tuple[HeadSpec, ...] = (
     tsn.SPEC,
     crosstransformer.SPEC,
     sten.SPEC,
+    trx.SPEC,
 )
 HEADS: dict[str, HeadSpec] = {spec.name: spec for spec in _SPECS}
 

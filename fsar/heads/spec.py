@@ -97,6 +97,9 @@ class OfficialKeys:
     markers: key prefixes only this release head has, to name the right `--head` on a mismatch.
     unused: official entries the outputs never use, `head -> {key: initial value}`; accepted and
         skipped on load, written back by `to_official` so the release loads it strictly.
+    derived: regular expressions (whole key) of official entries the head recomputes instead of
+        storing (e.g. TRX's frame-index tuples and position table, which depend on T): accepted
+        and skipped on load, not written by `to_official`.
     wrapper_prefix: prefix of the head's keys inside the release's whole-model checkpoint
         (`head.` for the alibaba framework's `model_state`).
     """
@@ -105,6 +108,7 @@ class OfficialKeys:
     prefixes: tuple[PrefixRule, ...] = SAME_NAMES
     markers: tuple[str, ...] = ()
     unused: Callable[[nn.Module], dict[str, Tensor]] | None = None
+    derived: tuple[str, ...] = ()
     wrapper_prefix: str = ""
 
 
