@@ -19,6 +19,7 @@ from .blocks import (
     cos_sim,
 )
 from .clipfsar import CLIPFSARHead
+from .clipmei import AdditiveFusion, CLIPMEIHead
 from .clipspm import SPM_CHOICES, CLIPSPMHead, parse_hsmr_source
 from .clipspm_parts import HSMR, PADM, ClassMeanOTAM, PromptGenerator, TextVideoFusion
 from .crosstransformer import CrossTransformerHead
@@ -42,8 +43,10 @@ __all__ = [
     "head_names",
     "head_spec",
     "spec_of",
+    "AdditiveFusion",
     "Attention",
     "CLIPFSARHead",
+    "CLIPMEIHead",
     "CLIPSPMHead",
     "COS_SIM_EPS",
     "ClassMeanOTAM",

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
 from .blocks import FeedForward, Gate, MotionModule, TransformerLayer
-from .otam import otam_distance
+from .otam import OTAM_LAMBDA, otam_distance
 from .output import Episode, EpisodeError
 
 __all__ = [
@@ -17,6 +19,10 @@ __all__ = [
     "ClassMeanOTAM",
     "squared_distance",
 ]
+
+# `(frames [V, T, D], token [V, D]) -> (fused frames, fused token)`: CLIP-SPM's gated
+# `TextVideoFusion` or CLIP-MEI's `AdditiveFusion`.
+Fusion = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 def squared_distance(x: Tensor, y: Tensor) -> Tensor:
@@ -80,7 +86,7 @@ class HSMR(nn.Module):
 
     def forward(
         self,
-        fusion: TextVideoFusion,
+        fusion: Fusion,
         support: Tensor,
         query: Tensor,
         support_shallow: Tensor,
@@ -104,12 +110,13 @@ class PADM(nn.Module):
     Class anchor `A_n` = mean over the K supports of class n and all Q queries; global anchor
     `g` = mean of the `A_n`. Per frame position, `TX1` attends over `[A_1..A_N, s_1..s_S]` and
     `[g, q_1..q_Q]`. `D2 = OTAM_bi(class means of refined s, refined q) + OTAM_bi(refined A,
-    refined g)` (the second term is the same row for every query).
+    refined g)` (the second term is the same row for every query), soft-min temperature `lam`.
     """
 
-    def __init__(self, transformer: TransformerLayer):
+    def __init__(self, transformer: TransformerLayer, lam: float = OTAM_LAMBDA):
         super().__init__()
         self.transformer = transformer
+        self.lam = lam
 
     def _refine(self, tokens: Tensor) -> Tensor:
         # tokens [B, L, T, D]: attention over the set L at every frame position t
@@ -127,9 +134,9 @@ class PADM(nn.Module):
         query_side = self._refine(torch.cat([global_anchor, query], dim=1))
         refined_anchors, refined_support = support_side[:, :n_way], support_side[:, n_way:]
         refined_global, refined_query = query_side[:, :1], query_side[:, 1:]
-        return otam_distance(refined_query, episode.class_means(refined_support)) + otam_distance(
-            refined_global, refined_anchors
-        )
+        return otam_distance(
+            refined_query, episode.class_means(refined_support), lam=self.lam
+        ) + otam_distance(refined_global, refined_anchors, lam=self.lam)
 
 
 class ClassMeanOTAM(nn.Module):

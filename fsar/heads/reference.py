@@ -105,18 +105,23 @@ def _read_state_dict(source: Mapping[str, Tensor] | str | os.PathLike) -> Mappin
 
 def _release_head(keys: list[str]) -> HeadSpec | None:
     """The head a release state dict was saved from: the spec with the most marker prefixes
-    present in its keys (CLIP-SPM's state dict also has CLIP-FSAR's `context2.`), or None when
-    none or several match equally."""
-    counts = {}
+    present in its keys (CLIP-SPM's state dict also has CLIP-FSAR's `context2.`); on a tie, the
+    one spec whose markers are all present (CLIP-MEI's keys are CLIP-SPM's without the gates);
+    None when none or several match equally."""
+    counts, complete = {}, set()
     for spec in HEADS.values():
         if spec.official is not None and spec.official.markers:
             found = sum(any(k.startswith(m) for k in keys) for m in spec.official.markers)
             if found:
                 counts[spec.name] = found
+            if found == len(spec.official.markers):
+                complete.add(spec.name)
     if not counts:
         return None
     best = max(counts.values())
     winners = [name for name, found in counts.items() if found == best]
+    if len(winners) > 1:
+        winners = [name for name in winners if name in complete]
     return HEADS[winners[0]] if len(winners) == 1 else None
 
 

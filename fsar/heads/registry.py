@@ -10,7 +10,7 @@ from torch import nn
 
 from fsar.errors import ConfigError
 
-from . import baselines, clipfsar, clipspm, crosstransformer, sten, trx, tsn
+from . import baselines, clipfsar, clipmei, clipspm, crosstransformer, sten, trx, tsn
 from .output import FewShotHead
 from .spec import BuildContext, HeadConfig, HeadSpec
 
@@ -25,6 +25,7 @@ _SPECS: tuple[HeadSpec, ...] = (
     crosstransformer.SPEC,
     sten.SPEC,
     trx.SPEC,
+    clipmei.SPEC,
 )
 HEADS: dict[str, HeadSpec] = {spec.name: spec for spec in _SPECS}
 
