@@ -21,6 +21,7 @@ from .blocks import (
 from .clipfsar import CLIPFSARHead
 from .clipspm import SPM_CHOICES, CLIPSPMHead, parse_hsmr_source
 from .clipspm_parts import HSMR, PADM, ClassMeanOTAM, PromptGenerator, TextVideoFusion
+from .hyrsm import HyRSMHead, HyRSMPlusPlusHead
 from .otam import OTAM_LAMBDA, frame_distances, otam_bidirectional, otam_distance, otam_one_way
 from .output import Episode, EpisodeError, FewShotHead, HeadOutput, episode_loss
 from .reference import load_official, official_key_map, to_official
@@ -50,6 +51,8 @@ __all__ = [
     "Gate",
     "HSMR",
     "HeadOutput",
+    "HyRSMHead",
+    "HyRSMPlusPlusHead",
     "MotionModule",
     "OTAMHead",
     "OTAM_LAMBDA",
