@@ -50,7 +50,9 @@ def golden_episode(settings: dict, arrays: dict[str, np.ndarray], dtype) -> Gold
     n_way = int(support_labels.max()) + 1
     label_to_class = torch.full((n_way,), -1, dtype=torch.long)
     label_to_class[support_labels] = support_ids
-    num_classes = int(settings.get("C", int(max(support_ids.max(), query_ids.max())) + 1))
+    # C (text-table heads) or NUM_CLASS (per-frame classifiers); else the largest id + 1
+    largest = int(max(support_ids.max(), query_ids.max())) + 1
+    num_classes = int(settings.get("C", settings.get("NUM_CLASS", largest)))
     if table is not None:
         class_text = table[label_to_class][None]
     else:

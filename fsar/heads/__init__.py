@@ -23,6 +23,7 @@ from .clipmei import AdditiveFusion, CLIPMEIHead
 from .clipspm import SPM_CHOICES, CLIPSPMHead, parse_hsmr_source
 from .clipspm_parts import HSMR, PADM, ClassMeanOTAM, PromptGenerator, TextVideoFusion
 from .crosstransformer import CrossTransformerHead
+from .hyrsm import HyRSMHead, HyRSMPlusPlusHead
 from .otam import OTAM_LAMBDA, frame_distances, otam_bidirectional, otam_distance, otam_one_way
 from .output import Episode, EpisodeError, FewShotHead, HeadOutput, episode_loss
 from .reference import load_official, official_key_map, to_official
@@ -58,6 +59,8 @@ __all__ = [
     "Gate",
     "HSMR",
     "HeadOutput",
+    "HyRSMHead",
+    "HyRSMPlusPlusHead",
     "MotionModule",
     "OTAMHead",
     "OTAM_LAMBDA",

@@ -10,22 +10,26 @@ from torch import nn
 
 from fsar.errors import ConfigError
 
-from . import baselines, clipfsar, clipmei, clipspm, crosstransformer, sten, trx, tsn
+from . import baselines, clipfsar, clipmei, clipspm, crosstransformer, hyrsm, sten, trx, tsn
 from .output import FewShotHead
 from .spec import BuildContext, HeadConfig, HeadSpec
 
 __all__ = ["HEADS", "head_names", "head_spec", "head_config", "spec_of", "build_head"]
 
+# Baselines first, then the methods in publication order, CLIP-SPM last; the demo report and
+# `fsar heads` follow this order (the first demo head is the paired-difference baseline).
 _SPECS: tuple[HeadSpec, ...] = (
     baselines.PROTO_MEAN,
-    baselines.OTAM,
-    clipfsar.SPEC,
-    clipspm.SPEC,
     tsn.SPEC,
+    baselines.OTAM,
     crosstransformer.SPEC,
-    sten.SPEC,
     trx.SPEC,
+    hyrsm.SPEC,
+    hyrsm.SPEC_PP,
+    sten.SPEC,
+    clipfsar.SPEC,
     clipmei.SPEC,
+    clipspm.SPEC,
 )
 HEADS: dict[str, HeadSpec] = {spec.name: spec for spec in _SPECS}
 
