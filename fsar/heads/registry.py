@@ -10,7 +10,7 @@ from torch import nn
 
 from fsar.errors import ConfigError
 
-from . import baselines, clipfsar, clipspm
+from . import baselines, clipfsar, clipspm, cpm2c
 from .output import FewShotHead
 from .spec import BuildContext, HeadConfig, HeadSpec
 
@@ -21,6 +21,7 @@ _SPECS: tuple[HeadSpec, ...] = (
     baselines.OTAM,
     clipfsar.SPEC,
     clipspm.SPEC,
+    cpm2c.SPEC,
 )
 HEADS: dict[str, HeadSpec] = {spec.name: spec for spec in _SPECS}
 
