@@ -92,8 +92,8 @@ def test_logits_read_neither_query_labels_nor_query_class_ids():
     assert changed.aux["consistency"] != base.aux["consistency"]
     assert changed.aux["classification"] != base.aux["classification"]
     # the classification term reads the class ids, never the episode labels
-    support_only = run(head, s, sl, q, ct, other_labels, **inputs)
-    assert support_only.aux["classification"] == base.aux["classification"]
+    relabelled = run(head, s, sl, q, ct, other_labels, **inputs)
+    assert relabelled.aux["classification"] == base.aux["classification"]
 
 
 def test_a_batch_equals_its_episodes_and_float32_matches_float64():
