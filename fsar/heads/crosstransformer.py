@@ -99,6 +99,7 @@ SPEC = HeadSpec(
     summary="query-aligned prototypes by attention over the class's support frames "
     "(CNN_CrossTransformer)",
     citation="Doersch et al., NeurIPS 2020",
+    tiny={"hidden": 32},
     config=CrossTransformerConfig,
     build=build,
     head_type=CrossTransformerHead,

@@ -10,7 +10,7 @@ from torch import nn
 
 from fsar.errors import ConfigError
 
-from . import baselines, clipfsar, clipmei, clipspm, crosstransformer, hyrsm, sten, trx, tsn
+from . import baselines, clipfsar, clipmei, clipspm, cpm2c, crosstransformer, hyrsm, sten, trx, tsn
 from .output import FewShotHead
 from .spec import BuildContext, HeadConfig, HeadSpec
 
@@ -28,6 +28,7 @@ _SPECS: tuple[HeadSpec, ...] = (
     hyrsm.SPEC_PP,
     sten.SPEC,
     clipfsar.SPEC,
+    cpm2c.SPEC,
     clipmei.SPEC,
     clipspm.SPEC,
 )

@@ -51,6 +51,7 @@ SPEC = HeadSpec(
     title="STEN",
     summary="product of query-text and query-prototype softmaxes (CLIP-SPM's model_sten, "
     "no parameters)",
+    citation="CLIP-SPM release, models/model_sten.py",
     config=STENConfig,
     build=build,
     head_type=STENHead,

@@ -262,6 +262,7 @@ SPEC = HeadSpec(
     title="TRX",
     summary="cross-attention between frame tuples (pairs and triples), as the CLIP-FSAR codebase",
     citation="Perrett et al., CVPR 2021",
+    tiny={"out_dim": 64},
     config=TRXConfig,
     build=build,
     head_type=TRXHead,
