@@ -158,22 +158,26 @@ def test_report_table_has_papers_layout_markers_and_notes(results_dir, tmp_path,
     positions = [header.index(name) for name in order]
     assert positions == sorted(positions)
     rows = {line.split("|")[1].strip(): line for line in table[2:]}
-    spm_test = next(v for k, v in rows.items() if k.startswith("clipspm") and "| test |" in v)
-    spm_val = next(v for k, v in rows.items() if k.startswith("clipspm") and "| val |" in v)
+    spm_test = next(v for k, v in rows.items() if k.startswith("CLIP-SPM") and "| test |" in v)
+    spm_val = next(v for k, v in rows.items() if k.startswith("CLIP-SPM") and "| val |" in v)
     assert cell(results["spm_hmdb_1"], "†") in spm_test
     assert cell(results["spm_hmdb_5"], "†") in spm_test
     assert cell(results["spm_kin_1"], "†") in spm_test
     assert cell(results["spm_hmdb_1_val"], "†") in spm_val
     assert cell(results["spm_hmdb_1_val"]) not in spm_test  # val and test are separate rows
-    proto = next(v for k, v in rows.items() if k.startswith("proto_mean"))
+    # methods in the papers' order (the registry's: baselines first), named by their titles
+    methods = [k.split(" (")[0] for k in rows if not k.startswith("published")]
+    assert methods == ["Frame-mean prototypes", "CLIP-SPM", "CLIP-SPM"]
+    assert "CLIP-SPM: arXiv 2512.19036" in text
+    proto = next(v for k, v in rows.items() if k.startswith("Frame-mean prototypes"))
     assert cell(results["proto_hmdb_1"]) + " |" in proto  # selected on val: no marker
     assert "†" not in proto
     assert "model selected on the test split, as the releases do" in text
     # published row for clipspm RN50, with the release's 77.4 / 84.5 on HMDB51
-    published_row = next(v for k, v in rows.items() if k.startswith("published clipspm"))
+    published_row = next(v for k, v in rows.items() if k.startswith("published CLIP-SPM"))
     assert "| 77.4 | 84.5 |" in published_row and "| 90.9 |" in published_row
-    assert "published clipspm RN50: CLIP-SPM release README" in text
-    assert not any(k.startswith("published proto_mean") for k in rows)  # no release numbers
+    assert "published CLIP-SPM RN50: CLIP-SPM release README" in text
+    assert not any(k.startswith("published Frame-mean") for k in rows)  # no release numbers
     notes = text[text.index("Notes:") :]
     assert "5-way, 200 episodes" in notes
     assert "preset clipspm_release" in notes and "preset fsar" in notes
@@ -226,7 +230,7 @@ def test_two_results_in_one_cell_are_both_shown(tmp_path):
     b = make_result("clipspm", "hmdb51", 1, seed=1, episodes=300)
     paths = [write_json(tmp_path / "a.json", a), write_json(tmp_path / "b.json", b)]
     text = results_table(load_results(paths))
-    row = next(line for line in text.splitlines() if line.startswith("| clipspm"))
+    row = next(line for line in text.splitlines() if line.startswith("| CLIP-SPM"))
     assert f"{cell(a)} / {cell(b)} ‡" in row
     assert "holds 2" in text and "a.json" in text and "b.json" in text
     assert "200, 300 episodes" in text

@@ -95,6 +95,11 @@ def results_table(
     lines += published_lines
     notes += published_notes
     legend = [f"Cells: accuracy (%) ± half-width of the {INTERVAL}."]
+    cited = [HEADS[h] for h in HEADS if h in {r.get("head") for r in results}]
+    if any(spec.citation for spec in cited):
+        legend.append(
+            "Methods: " + "; ".join(f"{s.title}: {s.citation}" for s in cited if s.citation) + "."
+        )
     if published_lines:
         legend.append("Published rows: 5-way test accuracy as the source reports it.")
     if any_test_selected:
@@ -207,15 +212,36 @@ def _checked(payload: Any, file: Path) -> dict[str, Any]:
     return {**payload, "source": str(file)}
 
 
+def _method_rank(r: dict[str, Any]) -> int:
+    """Position of the result's head in the registry (baselines, then by publication), as the
+    papers list methods; heads the registry does not know come last."""
+    order = list(HEADS)
+    head = r.get("head")
+    return order.index(head) if head in HEADS else len(order)
+
+
+def _method_name(r: dict[str, Any]) -> str:
+    """The method as papers name it (the head's title) unless the run was given its own label."""
+    spec = HEADS.get(r.get("head"))
+    return spec.title if spec is not None and r["label"] == r.get("head") else r["label"]
+
+
 def _group_rows(results: Sequence[dict[str, Any]]) -> dict[tuple, dict[tuple, list[dict]]]:
-    """(label, backbone, regime, split) -> (dataset, shot) -> results, rows in a stable order."""
+    """(method, backbone, regime, split) -> (dataset, shot) -> results; methods in the papers'
+    order (the registry's), then backbone, regime and split."""
     rows: dict[tuple, dict[tuple, list[dict]]] = {}
     ordered = sorted(
         results,
-        key=lambda r: (r["label"], r["backbone"], r["regime"], SPLIT_ORDER.get(r["split"], 2)),
+        key=lambda r: (
+            _method_rank(r),
+            r["label"],
+            r["backbone"],
+            r["regime"],
+            SPLIT_ORDER.get(r["split"], 2),
+        ),
     )
     for r in ordered:
-        key = (r["label"], r["backbone"], r["regime"], r["split"])
+        key = (_method_name(r), r["backbone"], r["regime"], r["split"])
         rows.setdefault(key, {}).setdefault((r["dataset"], int(r["shot"])), []).append(r)
     return rows
 
@@ -276,8 +302,9 @@ def _published_rows(
             continue
         texts = ["—" if c is None else f"{c:.1f}" for c in cells]
         number = n_rows + len(lines) + 1
-        lines.append(_md_row([f"published {head} ({number})", backbone, "—", "test", *texts]))
-        notes.append(f"- ({number}) published {head} {backbone}: {block.get('source', 'paper')}.")
+        name = spec.title if spec else head
+        lines.append(_md_row([f"published {name} ({number})", backbone, "—", "test", *texts]))
+        notes.append(f"- ({number}) published {name} {backbone}: {block.get('source', 'paper')}.")
     return lines, notes
 
 
