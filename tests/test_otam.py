@@ -134,3 +134,44 @@ def test_fast_logaddexp_matches_torch_logaddexp():
     fast = _logaddexp(a.clone(), b).double()
     assert torch.equal(fast[:100], b[:100].double())
     assert torch.allclose(fast, exact, rtol=1e-6, atol=1e-6)
+
+
+def naive_release_one_way(d: torch.Tensor, lam: float) -> torch.Tensor:
+    """The CLIP-FSAR codebase's OTAM_cum_dist in the input dtype: the soft-min as written there,
+    -lam * log(sum exp(-x / lam)) with no max-shift. d [..., Tq, Ts] -> [...]."""
+    d = torch.nn.functional.pad(d, (1, 1))
+    rows, width = d.shape[-2], d.shape[-1]
+    c = [[None] * width for _ in range(rows)]
+    zero = torch.zeros_like(d[..., 0, 0])
+
+    def softmin(*xs):
+        return -lam * torch.log(sum(torch.exp(-x / lam) for x in xs))
+
+    c[0][0] = zero
+    for m in range(1, width):
+        c[0][m] = d[..., 0, m] + c[0][m - 1]
+    for l in range(1, rows):
+        c[l][0] = zero
+        c[l][1] = d[..., l, 1] + softmin(c[l - 1][0], c[l - 1][1], c[l][0])
+        for m in range(2, width - 1):
+            c[l][m] = d[..., l, m] + softmin(c[l - 1][m - 1], c[l][m - 1])
+        c[l][-1] = d[..., l, -1] + softmin(c[l - 1][-2], c[l - 1][-1], c[l][-2])
+    return c[-1][-1]
+
+
+def test_the_stable_otam_equals_the_releases_naive_soft_min_wherever_it_is_finite():
+    """CNN_OTAM (lambda 0.1) computes the soft-min naively in float32: CLIP-like distances (small,
+    correlated frames) give the same numbers; large distances (running sums past ~10) underflow it
+    to +inf while fsar's log-sum-exp stays finite (what the float64 naive form gives)."""
+    g = torch.Generator().manual_seed(0)
+    close_frames = 0.05 + 0.35 * torch.rand(64, 8, 8, generator=g)  # 1 - cos of CLIP frames
+    naive = naive_release_one_way(close_frames, 0.1)
+    assert torch.isfinite(naive).all()
+    torch.testing.assert_close(otam_one_way(close_frames, 0.1), naive, rtol=1e-5, atol=1e-5)
+
+    unrelated = 1.6 + 0.4 * torch.rand(64, 8, 8, generator=g)  # opposed frames (1 - cos > 1.6)
+    assert torch.isinf(naive_release_one_way(unrelated, 0.1)).all()  # the release's +inf
+    stable = otam_one_way(unrelated, 0.1)
+    assert torch.isfinite(stable).all()
+    exact = naive_release_one_way(unrelated.double(), 0.1)  # float64 does not underflow here
+    torch.testing.assert_close(stable.double(), exact, rtol=1e-5, atol=1e-5)
