@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from fsar.pipelines.demo import DEMO_HEADS
+
 from .conftest import run_fsar
 
 
@@ -14,7 +16,7 @@ def test_demo_report_shows_temporal_heads_ahead_of_the_frame_mean_on_reversed_pa
     printed = run_fsar("demo", "--workdir", str(tmp_path)).stdout
     report = (tmp_path / "report.md").read_text()
     assert report in printed
-    for head in ("proto_mean", "otam", "clipfsar", "clipspm"):
+    for head in DEMO_HEADS:
         assert f"| {head} |" in report
     summary = json.loads((tmp_path / "results" / "demo_summary.json").read_text())
     pairs, gains = summary["reversed_pairs"], summary["reversed_pair_gain"]

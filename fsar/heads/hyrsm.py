@@ -359,6 +359,7 @@ SPEC = HeadSpec(
     aux_weights={"frame_class": 0.6},
     training_inputs=_class_ids,
     official=_official("CNN_HyRSM_1shot / CNN_HyRSM_5shot"),
+    demo_lr=1e-4,
 )
 
 SPEC_PP = HeadSpec(

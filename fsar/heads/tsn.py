@@ -41,6 +41,7 @@ SPEC = HeadSpec(
     citation="Wang et al., ECCV 2016",
     config=TSNConfig,
     build=build,
+    demo_lr=1e-4,
     head_type=TSNHead,
     official=OfficialKeys(release="CLIP-FSAR codebase (CNN_TSN)", wrapper_prefix="head."),
 )
