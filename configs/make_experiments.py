@@ -97,7 +97,10 @@ def clipfsar_experiment(
             ("variant", CLIPFSAR_VARIANTS[dataset], "the CLIP-FSAR release's lists"),
         ],
         "model": [("name", backbone, ""), ("pretrained", "openai", "OpenAI CLIP weights")],
-        "head": [("name", "clipfsar", "")],
+        "head": [
+            ("name", "clipfsar", ""),
+            ("merge_before", True, "with the preset's 1-shot training (SPEC 6.1)"),
+        ],
     }
     protocol = [("train_query", CLIPFSAR_TRAIN_QUERY, "CLIP-FSAR release (SPEC 6.1)")]
     if dataset.startswith("ssv2"):

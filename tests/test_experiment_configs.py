@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from fsar.config import Config, load_config, to_dict
+from fsar.heads.registry import head_config
 
 from .conftest import REPO
 
@@ -104,13 +105,12 @@ def test_experiment_composes_with_its_preset_and_carries_the_release_values(
     assert config.train.val_episodes == 10000  # both releases validate on 10,000 test episodes
     assert config.train.tasks_per_batch % config.train.episode_batch == 0
 
-    head_defaults = Config().head
-    for field in ("mid_dim_vision", "mid_dim_text", "negative_slope", "alpha", "motion_alpha"):
-        if method == "clipspm":
+    if method == "clipspm":
+        for field in ("mid_dim_vision", "mid_dim_text", "negative_slope", "alpha", "motion_alpha"):
             value = reference["head_hyperparameters_by_dataset"][RELEASE_KEY[dataset]][field]
             assert getattr(config.head, field) == value, field
-        else:  # the reference says nothing about CLIP-FSAR's head: schema defaults
-            assert getattr(config.head, field) == getattr(head_defaults, field), field
+    else:  # the reference says nothing about CLIP-FSAR's head: its defaults, with merge-before
+        assert to_dict(config.head) == to_dict(head_config("clipfsar", merge_before=True))
 
     if method == "clipspm":
         assert config.dataset.variant == shipped["dataset"]["variant"]
@@ -177,9 +177,8 @@ def test_release_presets_state_the_spec_protocol():
     assert fsar.protocol.test_frames == "clipfsar_test"
     assert fsar.protocol.train_frames == "clipfsar_train"
     assert fsar.extract.frames.startswith("dense")
-    assert fsar.protocol.train_shot == 1
+    assert fsar.protocol.train_shot == 1  # the clipfsar files add head.merge_before
     assert fsar.protocol.train_query == 5
-    assert fsar.head.merge_before is True
     assert (fsar.extract.normalize, fsar.extract.prompts) == (True, "single")
     assert (fsar.extract.interpolation, fsar.extract.resize_mode) == ("bilinear_float", "squash")
     assert fsar.extract.crop_offset == "floor"
@@ -206,6 +205,8 @@ def test_fsar_preset_is_the_schema_defaults_and_covers_every_release_preset_key(
     defaults = leaves(to_dict(load_config([])))
     for key, value in presets["fsar"].items():
         assert defaults[key] == value, key
+    # head options belong to one head: a preset composes with any head's experiment file
+    assert not any(key.startswith("head.") for preset in presets.values() for key in preset)
     assert set(presets["clipspm_release"]) <= set(presets["fsar"])
     assert set(presets["clipfsar_release"]) <= set(presets["fsar"])
     # composing fsar.yaml after a release preset restores every default it changed
