@@ -1,7 +1,8 @@
-"""Shipped experiment files and protocol presets: they load as the CLI composes them and carry
-the releases' numbers (CLIP-SPM: read here from the reference YAML, CLIP-FSAR: its split variants,
-normalisation and config files from golden clipfsar_train.json, independently of the generator),
-and the generator reproduces the committed files."""
+"""Shipped experiment files and protocol presets: every file loads as the CLI composes it, the
+CLIP-SPM / CLIP-FSAR files carry the releases' numbers (CLIP-SPM: read here from the reference
+YAML, CLIP-FSAR: its split variants, normalisation and config files from golden
+clipfsar_train.json, independently of the generator), and the generator reproduces the committed
+files. The zoo heads' values are checked in test_zoo_experiment_configs.py."""
 
 from __future__ import annotations
 
@@ -20,11 +21,16 @@ from fsar.heads.registry import head_config
 from .conftest import REPO
 
 CONFIGS = REPO / "configs"
-METHODS = ("clipspm", "clipfsar")
+RELEASE_METHODS = ("clipspm", "clipfsar")
+# the zoo heads by the data path they follow (the CLIP-FSAR codebase's, or the CLIP-SPM release's)
+ZOO_CLIPFSAR = ("otam", "tsn", "crosstransformer", "trx", "hyrsm", "hyrsm_pp")
+ZOO_CLIPSPM = ("sten", "cpm2c", "clipmei")
+METHODS = (*RELEASE_METHODS, *ZOO_CLIPFSAR, *ZOO_CLIPSPM)
 DATASETS = ("kinetics", "ssv2_full", "ssv2_small", "ucf101", "hmdb51")
 BACKBONES = ("RN50", "ViT-B-16")
 SHOTS = (1, 3, 5)
-COMBOS = list(itertools.product(METHODS, DATASETS, BACKBONES, SHOTS))
+COMBOS = list(itertools.product(RELEASE_METHODS, DATASETS, BACKBONES, SHOTS))
+ALL_COMBOS = list(itertools.product(METHODS, DATASETS, BACKBONES, SHOTS))
 RELEASE_KEY = {
     "hmdb51": "hmdb",
     "ucf101": "ucf",
@@ -33,6 +39,8 @@ RELEASE_KEY = {
     "ssv2_full": "ssv2_otam",
 }
 PRESET_OF = {"clipspm": "clipspm_release", "clipfsar": "clipfsar_release"}
+PRESET_OF |= {method: "clipfsar_release" for method in ZOO_CLIPFSAR}
+PRESET_OF |= {method: "clipspm_release" for method in ZOO_CLIPSPM}
 CLIPFSAR_KEY = {
     "hmdb51": "hmdb51",
     "ucf101": "ucf101",
@@ -74,11 +82,31 @@ def compose(dataset: str, backbone: str, *extra: Path) -> Config:
     return load_config([*files, *extra])
 
 
-def test_all_sixty_experiment_files_exist_and_no_others():
-    expected = {experiment_file(*combo) for combo in COMBOS}
-    assert len(expected) == 60
+def test_every_head_has_its_thirty_experiment_files_and_no_others():
+    expected = {experiment_file(*combo) for combo in ALL_COMBOS}
+    assert len(expected) == 11 * 30
     assert all(path.is_file() for path in expected)
     assert set((CONFIGS / "experiments").glob("*/*.yaml")) == expected
+
+
+@pytest.mark.parametrize("method, dataset, backbone, shot", ALL_COMBOS)
+def test_every_experiment_file_loads_with_its_preset(method, dataset, backbone, shot):
+    preset = CONFIGS / "presets" / f"{PRESET_OF[method]}.yaml"
+    path = experiment_file(method, dataset, backbone, shot)
+    config = compose(dataset, backbone, preset, path)
+    text = path.read_text()
+    assert f"--config configs/presets/{PRESET_OF[method]}.yaml" in text.splitlines()[0]
+    assert config.head.name == method and config.protocol.preset == PRESET_OF[method]
+    assert (config.dataset.name, config.model.name, config.model.pretrained) == (
+        dataset,
+        backbone,
+        "openai",
+    )
+    assert (config.episodes.way, config.episodes.shot, config.episodes.query) == (5, shot, 1)
+    assert config.train.tasks_per_batch % config.train.episode_batch == 0
+    assert set(config.protocol.train_views) <= set(config.extract.views)
+    if dataset.startswith("ssv2"):
+        assert config.protocol.train_views == ["center"]
 
 
 @pytest.mark.parametrize("method, dataset, backbone, shot", COMBOS)
@@ -148,7 +176,7 @@ def test_experiment_composes_with_its_preset_and_carries_the_release_values(
         assert config.protocol.train_views == ["center", "flip"]
 
 
-@pytest.mark.parametrize("method, dataset, backbone, shot", COMBOS[::7])
+@pytest.mark.parametrize("method, dataset, backbone, shot", ALL_COMBOS[::7])
 def test_experiment_loads_without_a_preset(method, dataset, backbone, shot):
     config = compose(dataset, backbone, experiment_file(method, dataset, backbone, shot))
     assert config.protocol.preset == "fsar"
@@ -232,7 +260,7 @@ def test_generator_reproduces_the_committed_files_byte_for_byte(shared, tmp_path
         capture_output=True,
     )
     generated = sorted(p.relative_to(tmp_path) for p in tmp_path.glob("*/*.yaml"))
-    assert len(generated) == 60
+    assert len(generated) == 11 * 30
     for relative in generated:
         committed = CONFIGS / "experiments" / relative
         assert (tmp_path / relative).read_bytes() == committed.read_bytes(), relative
