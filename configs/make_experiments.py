@@ -1,5 +1,7 @@
-"""Write configs/experiments/{clipspm,clipfsar}/<dataset>_<backbone>_<K>shot.yaml from the
-releases' settings, so every number in them has one stated source.
+"""Write configs/experiments/<head>/<dataset>_<backbone>_<K>shot.yaml from the releases'
+settings, so every number in them has one stated source: CLIP-SPM and CLIP-FSAR here, the zoo
+heads of other releases from configs/zoo_experiments.py (their values and what they leave at
+fsar's defaults).
 
     python configs/make_experiments.py [REFERENCE_YAML] [--clipfsar-train JSON] [--out DIR]
 
@@ -14,17 +16,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 from pathlib import Path
 from typing import Any
 
 import yaml
+from zoo_experiments import HEADS as ZOO
+from zoo_experiments import Item, zoo_notes, zoo_options
 
 CONFIGS = Path(__file__).resolve().parent
 ROOT = CONFIGS.parent
 DEFAULT_REFERENCE = ROOT.parent / "shared" / "reference" / "clipspm_release.yaml"
 DEFAULT_CLIPFSAR_TRAIN = ROOT.parent / "shared" / "golden" / "data_path" / "clipfsar_train.json"
 
-METHODS = ("clipspm", "clipfsar")
+METHODS = ("clipspm", "clipfsar", *ZOO)
 DATASETS = ("kinetics", "ssv2_full", "ssv2_small", "ucf101", "hmdb51")
 BACKBONES = ("RN50", "ViT-B-16")
 SHOTS = (1, 3, 5)
@@ -60,11 +65,15 @@ CLIPFSAR_SOLVER = {
 }
 CLIPFSAR_TASKS_PER_STEP = 4  # the release's TRAIN.BATCH_SIZE: one task per GPU on 4 GPUs
 CLIPFSAR_TEST_EPISODES = 10000  # the release's TRAIN.NUM_TEST_TASKS
+FAMILY = {"clipspm": "clipspm", "clipfsar": "clipfsar"} | {m: h.family for m, h in ZOO.items()}
 PRESETS = {"clipspm": "clipspm_release", "clipfsar": "clipfsar_release"}
 # open_clip's OPENAI_DATASET_MEAN / STD (fsar.data.transforms.CLIP_MEAN / CLIP_STD): the
 # normalisation of the clipfsar_release preset, which a file only overrides when it differs
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SECTION_ORDER = ("dataset", "model", "head", "protocol", "episodes", "train", "eval", "extract")
+# overrides the flip of the clipspm_release preset (composed before the file)
+SSV2_VIEWS = ("train_views", ["center"], "no flip on SSv2: left/right is in the label")
 
 
 def experiment_path(method: str, dataset: str, backbone: str, shot: int) -> str:
@@ -87,30 +96,52 @@ def clipfsar_config(clipfsar_train: dict, dataset: str, shot: int) -> tuple[str,
 
 def clipfsar_experiment(
     clipfsar_train: dict, dataset: str, backbone: str, shot: int
-) -> dict[str, list[tuple[str, Any, str]]]:
+) -> dict[str, list[Item]]:
     """Section -> [(key, value, comment)] of one CLIP-FSAR experiment file, in file order."""
-    key, release = clipfsar_config(clipfsar_train, dataset, shot)
     lr, weight_decay = CLIPFSAR_SOLVER[dataset]
-    sections: dict[str, list[tuple[str, Any, str]]] = {
+    head = [
+        ("name", "clipfsar", ""),
+        ("merge_before", True, "with the preset's 1-shot training (SPEC 6.1)"),
+    ]
+    protocol = [("train_query", CLIPFSAR_TRAIN_QUERY, "CLIP-FSAR release (SPEC 6.1)")]
+    train = [
+        ("lr", lr, "release SOLVER.BASE_LR (constant here; see the header)"),
+        ("weight_decay", weight_decay, "release SOLVER.WEIGHT_DECAY"),
+        ("tasks_per_batch", CLIPFSAR_TASKS_PER_STEP, "release TRAIN.BATCH_SIZE"),
+    ]
+    sections = clipfsar_data_path(clipfsar_train, dataset, backbone, shot, head, protocol, train)
+    sections["eval"] = [("episodes", CLIPFSAR_TEST_EPISODES, "release NUM_TEST_TASKS")]
+    return sections
+
+
+def clipfsar_data_path(
+    clipfsar_train: dict,
+    dataset: str,
+    backbone: str,
+    shot: int,
+    head: list[Item],
+    protocol: list[Item],
+    train: list[Item],
+) -> dict[str, list[Item]]:
+    """The sections of a file on the CLIP-FSAR codebase's data path (its split lists and the
+    normalisation its K-shot config resolves to) around the given head, protocol and train."""
+    key, release = clipfsar_config(clipfsar_train, dataset, shot)
+    sections: dict[str, list[Item]] = {
         "dataset": [
             ("name", dataset, ""),
             ("variant", CLIPFSAR_VARIANTS[dataset], "the CLIP-FSAR release's lists"),
         ],
         "model": [("name", backbone, ""), ("pretrained", "openai", "OpenAI CLIP weights")],
-        "head": [("name", "clipfsar", "")],
+        "head": head,
     }
-    protocol = [("train_query", CLIPFSAR_TRAIN_QUERY, "CLIP-FSAR release (SPEC 6.1)")]
     if dataset.startswith("ssv2"):
-        protocol.append(("train_views", ["center"], "no flip on SSv2: left/right is in the label"))
-    sections["protocol"] = protocol
+        protocol = [*protocol, SSV2_VIEWS]
+    if protocol:
+        sections["protocol"] = protocol
     sections["episodes"] = [("way", 5, ""), ("shot", shot, ""), ("query", 1, "")]
-    sections["train"] = [
-        ("lr", lr, "release SOLVER.BASE_LR (constant here; see the header)"),
-        ("weight_decay", weight_decay, "release SOLVER.WEIGHT_DECAY"),
-        ("tasks_per_batch", CLIPFSAR_TASKS_PER_STEP, "release TRAIN.BATCH_SIZE"),
-        ("episode_batch", CLIPFSAR_TASKS_PER_STEP, "episodes per forward pass (divides the above)"),
-    ]
-    sections["eval"] = [("episodes", CLIPFSAR_TEST_EPISODES, "release NUM_TEST_TASKS")]
+    per_step = next(value for name, value, _ in train if name == "tasks_per_batch")
+    batch = ("episode_batch", per_step, "episodes per forward pass (divides the above)")
+    sections["train"] = [*train, batch]
     transforms = release["transforms"]
     mean, std = [float(v) for v in transforms["MEAN"]], [float(v) for v in transforms["STD"]]
     if (tuple(mean), tuple(std)) != (CLIP_MEAN, CLIP_STD):
@@ -118,6 +149,48 @@ def clipfsar_experiment(
             ("mean", mean, f"{key}: the base DATA.MEAN, not CLIP's (clipfsar_train.json)"),
             ("std", std, f"{key}: the base DATA.STD"),
         ]
+    return sections
+
+
+def zoo_experiment(
+    reference: dict, clipfsar_train: dict, method: str, dataset: str, backbone: str, shot: int
+) -> dict[str, list[Item]]:
+    """Section -> [(key, value, comment)] of one zoo head's file: its family's data path and
+    loop settings (as far as the shared sources give them) around its own options."""
+    spec = ZOO[method]
+    key = RELEASE_KEYS[dataset]
+    options, _ = zoo_options(reference, method, dataset, shot, key)
+    head = [("name", method, ""), *options]
+    if spec.family == "clipfsar":
+        # the preset's 1-shot training goes with CLIP-FSAR's merge-before (see the header)
+        protocol = [("train_shot", None, "K-shot training, fsar's default (see the header)")]
+        train = [("tasks_per_batch", CLIPFSAR_TASKS_PER_STEP, "TRAIN.BATCH_SIZE (zoo README)")]
+        return clipfsar_data_path(clipfsar_train, dataset, backbone, shot, head, protocol, train)
+
+    base = reference["base_defaults"]
+    data = [("name", dataset, "")]
+    variant = dataset_variant(dataset)
+    if variant is not None:
+        data.append(("variant", variant, "the CLIP-SPM release's lists"))
+    sections: dict[str, list[Item]] = {
+        "dataset": data,
+        "model": [("name", backbone, ""), ("pretrained", "openai", "OpenAI CLIP weights")],
+        "head": head,
+    }
+    if dataset.startswith("ssv2"):
+        sections["protocol"] = [SSV2_VIEWS]
+    sections["episodes"] = [("way", 5, ""), ("shot", shot, ""), ("query", 1, "")]
+    # TASKS_PER_BATCH is 16 in CLIP-SPM's and CLIP-MEI's configs/base.yaml (zoo README)
+    per_step = int(base["tasks_per_batch"])
+    train = [("tasks_per_batch", per_step, "TASKS_PER_BATCH of configs/base.yaml (zoo README)")]
+    if dataset in spec.amp:
+        train.append(("bf16", True, f"the release's {key} config sets USE_AMP (zoo README)"))
+    sections["train"] = train
+    if spec.spm_base:
+        test_episodes = int(base["test_episodes"])
+        sections["eval"] = [("episodes", test_episodes, "release base test_episodes")]
+    if spec.prompts is not None:
+        sections["extract"] = [("prompts", spec.prompts, "'a photo of {}' (zoo README)")]
     return sections
 
 
@@ -147,8 +220,7 @@ def experiment(
 
     protocol = [("train_query", int(train["query_per_class"]), "release query_per_class")]
     if dataset.startswith("ssv2"):
-        # overrides the flip of the clipspm_release preset (composed before this file)
-        protocol.append(("train_views", ["center"], "no flip on SSv2: left/right is in the label"))
+        protocol.append(SSV2_VIEWS)
     sections["protocol"] = protocol
 
     sections["episodes"] = [
@@ -170,22 +242,32 @@ def experiment(
     return sections
 
 
-def header(method: str, dataset: str, backbone: str, shot: int, clipfsar_train: dict) -> list[str]:
+def header(
+    method: str, dataset: str, backbone: str, shot: int, reference: dict, clipfsar_train: dict
+) -> list[str]:
     """The comment lines above the settings: what the file is, how to run it, where from."""
     path = experiment_path(method, dataset, backbone, shot)
-    preset = f"configs/presets/{PRESETS[method]}.yaml"
+    preset = f"configs/presets/{PRESETS[FAMILY[method]]}.yaml"
     flags = f"--dataset {dataset} --model {backbone} --config {preset} --config {path}"
-    title = "CLIP-SPM" if method == "clipspm" else "CLIP-FSAR"
+    store_note = "the preset sets the pixel rules and prompts"
+    if method in ZOO:
+        title = f"{ZOO[method].title} head ({ZOO[method].release})"
+        if ZOO[method].prompts is not None:
+            store_note = "the preset sets the pixel rules, this file the prompts"
+    else:
+        title = "CLIP-SPM head" if method == "clipspm" else "CLIP-FSAR head"
     lines = [
-        f"# {title} head, {dataset}, {backbone}, 5-way {shot}-shot; "
+        f"# {title}, {dataset}, {backbone}, 5-way {shot}-shot; "
         f"run: fsar train {flags} --store STORE --out RUN",
-        f"# store: fsar extract {flags} --out STORE (the preset sets the pixel rules and prompts)",
+        f"# store: fsar extract {flags} --out STORE ({store_note})",
     ]
     if method == "clipspm":
         return lines + [
             "# Generated by configs/make_experiments.py from the CLIP-SPM release settings; "
             "edit the generator, not this file."
         ]
+    if method in ZOO:
+        return lines + zoo_header(method, dataset, shot, reference, clipfsar_train)
     key, release = clipfsar_config(clipfsar_train, dataset, shot)
     lines += [
         "# Generated by configs/make_experiments.py; edit the generator, not this file. Release "
@@ -204,14 +286,33 @@ def header(method: str, dataset: str, backbone: str, shot: int, clipfsar_train: 
     return lines
 
 
+def zoo_header(
+    method: str, dataset: str, shot: int, reference: dict, clipfsar_train: dict
+) -> list[str]:
+    """A zoo file's sources, its widths per backbone, and what it leaves at fsar's defaults."""
+    source = None
+    if ZOO[method].family == "clipfsar":
+        config_key, release = clipfsar_config(clipfsar_train, dataset, shot)
+        source = (release["config_file"], config_key)
+    key = RELEASE_KEYS[dataset]
+    lines = []
+    for text in zoo_notes(reference, method, dataset, shot, key, source):
+        lines += textwrap.wrap(
+            text, 98, initial_indent="# ", subsequent_indent="# ", break_on_hyphens=False
+        )
+    return lines
+
+
 def format_value(value: Any) -> str:
-    """A YAML scalar or flow list that PyYAML reads back as the same value."""
+    """A YAML scalar, flow list or flow mapping that PyYAML reads back as the same value."""
     if value is None:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, list):
         return "[" + ", ".join(format_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {format_value(v)}" for k, v in value.items()) + "}"
     if isinstance(value, float):
         text = repr(value)
         # PyYAML reads 1e-05 (no dot) as a string, 1.0e-05 as a float
@@ -226,12 +327,15 @@ def render(
     method: str, dataset: str, backbone: str, shot: int, reference: dict, clipfsar_train: dict
 ) -> str:
     """The full text of one experiment file."""
-    lines = header(method, dataset, backbone, shot, clipfsar_train)
+    lines = header(method, dataset, backbone, shot, reference, clipfsar_train)
     if method == "clipspm":
         sections = experiment(reference, dataset, backbone, shot)
-    else:
+    elif method == "clipfsar":
         sections = clipfsar_experiment(clipfsar_train, dataset, backbone, shot)
-    for section, items in sections.items():
+    else:
+        sections = zoo_experiment(reference, clipfsar_train, method, dataset, backbone, shot)
+    for section in sorted(sections, key=SECTION_ORDER.index):
+        items = sections[section]
         lines.append(f"{section}:")
         for key, value, comment in items:
             line = f"  {key}: {format_value(value)}"
@@ -240,7 +344,7 @@ def render(
 
 
 def write_all(reference_path: Path, out_dir: Path, clipfsar_train_path: Path) -> list[Path]:
-    """Write the 60 experiment files under out_dir/<method>/; returns their paths."""
+    """Write every experiment file under out_dir/<method>/; returns their paths."""
     reference = yaml.safe_load(Path(reference_path).read_text())
     clipfsar_train = json.loads(Path(clipfsar_train_path).read_text())
     written = []

@@ -1,7 +1,8 @@
-"""Shipped experiment files and protocol presets: they load as the CLI composes them and carry
-the releases' numbers (CLIP-SPM: read here from the reference YAML, CLIP-FSAR: its split variants,
-normalisation and config files from golden clipfsar_train.json, independently of the generator),
-and the generator reproduces the committed files."""
+"""Shipped experiment files and protocol presets: every file loads as the CLI composes it, the
+CLIP-SPM / CLIP-FSAR files carry the releases' numbers (CLIP-SPM: read here from the reference
+YAML, CLIP-FSAR: its split variants, normalisation and config files from golden
+clipfsar_train.json, independently of the generator), and the generator reproduces the committed
+files. The zoo heads' values are checked in test_zoo_experiment_configs.py."""
 
 from __future__ import annotations
 
@@ -15,15 +16,21 @@ import pytest
 import yaml
 
 from fsar.config import Config, load_config, to_dict
+from fsar.heads.registry import head_config
 
 from .conftest import REPO
 
 CONFIGS = REPO / "configs"
-METHODS = ("clipspm", "clipfsar")
+RELEASE_METHODS = ("clipspm", "clipfsar")
+# the zoo heads by the data path they follow (the CLIP-FSAR codebase's, or the CLIP-SPM release's)
+ZOO_CLIPFSAR = ("otam", "tsn", "crosstransformer", "trx", "hyrsm", "hyrsm_pp")
+ZOO_CLIPSPM = ("sten", "cpm2c", "clipmei")
+METHODS = (*RELEASE_METHODS, *ZOO_CLIPFSAR, *ZOO_CLIPSPM)
 DATASETS = ("kinetics", "ssv2_full", "ssv2_small", "ucf101", "hmdb51")
 BACKBONES = ("RN50", "ViT-B-16")
 SHOTS = (1, 3, 5)
-COMBOS = list(itertools.product(METHODS, DATASETS, BACKBONES, SHOTS))
+COMBOS = list(itertools.product(RELEASE_METHODS, DATASETS, BACKBONES, SHOTS))
+ALL_COMBOS = list(itertools.product(METHODS, DATASETS, BACKBONES, SHOTS))
 RELEASE_KEY = {
     "hmdb51": "hmdb",
     "ucf101": "ucf",
@@ -32,6 +39,8 @@ RELEASE_KEY = {
     "ssv2_full": "ssv2_otam",
 }
 PRESET_OF = {"clipspm": "clipspm_release", "clipfsar": "clipfsar_release"}
+PRESET_OF |= {method: "clipfsar_release" for method in ZOO_CLIPFSAR}
+PRESET_OF |= {method: "clipspm_release" for method in ZOO_CLIPSPM}
 CLIPFSAR_KEY = {
     "hmdb51": "hmdb51",
     "ucf101": "ucf101",
@@ -73,11 +82,31 @@ def compose(dataset: str, backbone: str, *extra: Path) -> Config:
     return load_config([*files, *extra])
 
 
-def test_all_sixty_experiment_files_exist_and_no_others():
-    expected = {experiment_file(*combo) for combo in COMBOS}
-    assert len(expected) == 60
+def test_every_head_has_its_thirty_experiment_files_and_no_others():
+    expected = {experiment_file(*combo) for combo in ALL_COMBOS}
+    assert len(expected) == 11 * 30
     assert all(path.is_file() for path in expected)
     assert set((CONFIGS / "experiments").glob("*/*.yaml")) == expected
+
+
+@pytest.mark.parametrize("method, dataset, backbone, shot", ALL_COMBOS)
+def test_every_experiment_file_loads_with_its_preset(method, dataset, backbone, shot):
+    preset = CONFIGS / "presets" / f"{PRESET_OF[method]}.yaml"
+    path = experiment_file(method, dataset, backbone, shot)
+    config = compose(dataset, backbone, preset, path)
+    text = path.read_text()
+    assert f"--config configs/presets/{PRESET_OF[method]}.yaml" in text.splitlines()[0]
+    assert config.head.name == method and config.protocol.preset == PRESET_OF[method]
+    assert (config.dataset.name, config.model.name, config.model.pretrained) == (
+        dataset,
+        backbone,
+        "openai",
+    )
+    assert (config.episodes.way, config.episodes.shot, config.episodes.query) == (5, shot, 1)
+    assert config.train.tasks_per_batch % config.train.episode_batch == 0
+    assert set(config.protocol.train_views) <= set(config.extract.views)
+    if dataset.startswith("ssv2"):
+        assert config.protocol.train_views == ["center"]
 
 
 @pytest.mark.parametrize("method, dataset, backbone, shot", COMBOS)
@@ -104,13 +133,12 @@ def test_experiment_composes_with_its_preset_and_carries_the_release_values(
     assert config.train.val_episodes == 10000  # both releases validate on 10,000 test episodes
     assert config.train.tasks_per_batch % config.train.episode_batch == 0
 
-    head_defaults = Config().head
-    for field in ("mid_dim_vision", "mid_dim_text", "negative_slope", "alpha", "motion_alpha"):
-        if method == "clipspm":
+    if method == "clipspm":
+        for field in ("mid_dim_vision", "mid_dim_text", "negative_slope", "alpha", "motion_alpha"):
             value = reference["head_hyperparameters_by_dataset"][RELEASE_KEY[dataset]][field]
             assert getattr(config.head, field) == value, field
-        else:  # the reference says nothing about CLIP-FSAR's head: schema defaults
-            assert getattr(config.head, field) == getattr(head_defaults, field), field
+    else:  # the reference says nothing about CLIP-FSAR's head: its defaults, with merge-before
+        assert to_dict(config.head) == to_dict(head_config("clipfsar", merge_before=True))
 
     if method == "clipspm":
         assert config.dataset.variant == shipped["dataset"]["variant"]
@@ -148,7 +176,7 @@ def test_experiment_composes_with_its_preset_and_carries_the_release_values(
         assert config.protocol.train_views == ["center", "flip"]
 
 
-@pytest.mark.parametrize("method, dataset, backbone, shot", COMBOS[::7])
+@pytest.mark.parametrize("method, dataset, backbone, shot", ALL_COMBOS[::7])
 def test_experiment_loads_without_a_preset(method, dataset, backbone, shot):
     config = compose(dataset, backbone, experiment_file(method, dataset, backbone, shot))
     assert config.protocol.preset == "fsar"
@@ -177,9 +205,8 @@ def test_release_presets_state_the_spec_protocol():
     assert fsar.protocol.test_frames == "clipfsar_test"
     assert fsar.protocol.train_frames == "clipfsar_train"
     assert fsar.extract.frames.startswith("dense")
-    assert fsar.protocol.train_shot == 1
+    assert fsar.protocol.train_shot == 1  # the clipfsar files add head.merge_before
     assert fsar.protocol.train_query == 5
-    assert fsar.head.merge_before is True
     assert (fsar.extract.normalize, fsar.extract.prompts) == (True, "single")
     assert (fsar.extract.interpolation, fsar.extract.resize_mode) == ("bilinear_float", "squash")
     assert fsar.extract.crop_offset == "floor"
@@ -206,6 +233,8 @@ def test_fsar_preset_is_the_schema_defaults_and_covers_every_release_preset_key(
     defaults = leaves(to_dict(load_config([])))
     for key, value in presets["fsar"].items():
         assert defaults[key] == value, key
+    # head options belong to one head: a preset composes with any head's experiment file
+    assert not any(key.startswith("head.") for preset in presets.values() for key in preset)
     assert set(presets["clipspm_release"]) <= set(presets["fsar"])
     assert set(presets["clipfsar_release"]) <= set(presets["fsar"])
     # composing fsar.yaml after a release preset restores every default it changed
@@ -231,7 +260,7 @@ def test_generator_reproduces_the_committed_files_byte_for_byte(shared, tmp_path
         capture_output=True,
     )
     generated = sorted(p.relative_to(tmp_path) for p in tmp_path.glob("*/*.yaml"))
-    assert len(generated) == 60
+    assert len(generated) == 11 * 30
     for relative in generated:
         committed = CONFIGS / "experiments" / relative
         assert (tmp_path / relative).read_bytes() == committed.read_bytes(), relative
