@@ -263,7 +263,7 @@ SPEC = HeadSpec(
     summary="cross-attention between frame tuples (pairs and triples), as the CLIP-FSAR codebase",
     citation="Perrett et al., CVPR 2021",
     tiny={"out_dim": 64},
-    demo_lr=1e-4,
+    # not in the demo: its Q*L x K*L tuple attention costs about 10x CLIP-FSAR per episode there
     config=TRXConfig,
     build=build,
     head_type=TRXHead,
