@@ -303,22 +303,33 @@ def registry_inputs(
 
 def episodes_per_s(step, episodes: int, device: torch.device, budget_s: float) -> dict:
     """Rate of `step` (which handles `episodes` episodes): warm-up, then timed calls until about
-    `budget_s` has passed (at least one, at most 50); the median call sets the rate."""
+    `budget_s` has passed (at least one, at most 50); the median call sets the rate.
+
+    On CPU also the rate per CPU second of this process (user + system time of all its threads):
+    on a machine shared with other processes it moves much less than the wall-clock rate, and
+    with one thread it is the rate of an idle core."""
     start = time.perf_counter()
     step()  # warm-up: allocations, Adam's state
     _sync(device)
-    if time.perf_counter() - start < budget_s / 10:
+    warmup = time.perf_counter() - start
+    if warmup < budget_s / 10:
         step()
         _sync(device)
-    times: list[float] = []
-    while not times or (sum(times) < budget_s and len(times) < 50):
-        start = time.perf_counter()
+    wall: list[float] = []
+    cpu: list[float] = []
+    while not wall or (sum(wall) < budget_s and len(wall) < 50):
+        start, start_cpu = time.perf_counter(), time.process_time()
         step()
         _sync(device)
-        times.append(time.perf_counter() - start)
-    times.sort()
-    median = times[len(times) // 2]
-    return {"episodes_per_s": round(episodes / median, 2), "median_s": median, "calls": len(times)}
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    wall.sort()
+    cpu.sort()
+    median = wall[len(wall) // 2]
+    rates = {"episodes_per_s": round(episodes / median, 2), "median_s": median}
+    if device.type == "cpu":
+        rates["episodes_per_cpu_s"] = round(episodes / cpu[len(cpu) // 2], 2)
+    return {**rates, "calls": len(wall), "warmup_s": round(warmup, 3)}
 
 
 def bench_registry(device: torch.device, dims: tuple[int, ...], budget_s: float) -> dict:
@@ -365,9 +376,10 @@ def bench_registry(device: torch.device, dims: tuple[int, ...], budget_s: float)
 
             row["eval"] = episodes_per_s(eval_step, evaluation.episode_batch, device, budget_s)
             results[f"{name} D={dim}"] = row
-            train_rate = row["train"]["episodes_per_s"] if "train" in row else "n/a"
-            print(f"{name} D={dim}: train {train_rate}, eval {row['eval']['episodes_per_s']}",
-                  file=sys.stderr)  # fmt: skip
+            rates = {
+                mode: row[mode].get("episodes_per_s") for mode in ("train", "eval") if mode in row
+            }
+            print(f"{name} D={dim}: {rates}", file=sys.stderr)
             del head, inputs
     load["end"] = os.getloadavg()
     return {
@@ -381,7 +393,8 @@ def bench_registry(device: torch.device, dims: tuple[int, ...], budget_s: float)
             "eval": f"{evaluation.episode_batch} episodes per forward, {test_query} query per "
             "class; eval mode, no_grad",
             "timing": f"warm-up, then timed calls for about {budget_s} s (at least 1, at most "
-            "50); rate = episodes per call / median call",
+            "50); rate = episodes per call / median call (wall clock; on CPU also per CPU "
+            "second of this process)",
         },
         "loadavg_1_5_15min": {k: [round(x, 2) for x in v] for k, v in load.items()},
         "results": results,
