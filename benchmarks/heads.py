@@ -8,9 +8,17 @@ Measures, in one run:
    B=1 and B=16, dim 1024 and the release sizes, 5-way 1-shot with 4 queries per class, T=8;
 3. on CPU, the CLIP-SPM training step of the pipeline benchmark (64-d features, widths 2x the
    features, B=16) with fsar's CPU kernels (dropout masks, OTAM log-add-exp) against
-   the same step with the library kernels they replace, alternating, and each kernel alone.
+   the same step with the library kernels they replace, alternating, and each kernel alone;
+4. every registered head (`fsar.heads.registry.HEADS`) with its default (release) options at
+   D = 1024 (RN50) and D = 512 (ViT-B/16): training episodes/s (the step of `fsar train`: forward
+   with query labels and the training inputs the spec declares, `episode_loss` with the spec's
+   loss weights, backward, Adam) and evaluation episodes/s (eval mode, no_grad), with the episode
+   shapes and batch sizes of fsar's defaults (5-way 1-shot, T=8; training 4 queries per class,
+   16 episodes per forward; evaluation 1 query per class, 100 episodes per forward).
 
-Usage: python benchmarks/heads.py [--out benchmarks/results/heads.json] [--device cpu|cuda]
+Usage: python benchmarks/heads.py [--out PATH] [--device cpu|cuda] [--only PART]
+(PART: otam, clipspm, kernels or registry; the default runs all and writes
+benchmarks/results/heads.json, one part writes benchmarks/results/heads_PART.json)
 """
 
 from __future__ import annotations
@@ -29,7 +37,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fsar.config import EpisodeConfig, EvalConfig, ProtocolConfig, TrainConfig  # noqa: E402
 from fsar.heads import CLIPSPMHead, blocks, episode_loss, otam, otam_bidirectional  # noqa: E402
+from fsar.heads.registry import HEADS  # noqa: E402
+from fsar.heads.spec import BuildContext, HeadConfig, HeadSpec  # noqa: E402
+from fsar.pipelines.build import aux_weights  # noqa: E402
 
 
 def loop_otam_one_way(dists: torch.Tensor, lam: float = 0.5) -> torch.Tensor:
@@ -245,12 +257,163 @@ def bench_cpu_kernels(rounds: int) -> dict:
     return report
 
 
+RELEASE_DIMS = (1024, 512)  # RN50, ViT-B/16 feature widths
+NUM_TRAIN_CLASSES = 64  # rows of the training text table (and of per-class classifiers)
+
+
+def registry_inputs(
+    spec: HeadSpec,
+    config: HeadConfig,
+    dim: int,
+    batch: int,
+    query_per_class: int,
+    training: bool,
+    device: torch.device,
+) -> tuple[dict, dict[str, int]]:
+    """Random features for B episodes of fsar's default shape, as `head(**inputs)` takes them,
+    and the layer widths the head is built with. Training adds query labels and the inputs the
+    spec declares (class ids into a text table of the training classes, shallow layer frames)."""
+    episode, frames = EpisodeConfig(), 8
+    way, shot = episode.way, episode.shot
+    g = torch.Generator().manual_seed(dim + batch)
+    support_labels = torch.arange(way).repeat_interleave(shot).repeat(batch, 1)  # [B, S]
+    query_labels = torch.arange(way).repeat_interleave(query_per_class).repeat(batch, 1)  # [B, Q]
+    text_table = torch.randn(NUM_TRAIN_CLASSES, dim, generator=g)  # [C_train, D]
+    # each episode's classes: `way` distinct training classes, episode label n -> classes[:, n]
+    classes = torch.rand(batch, NUM_TRAIN_CLASSES, generator=g).argsort(-1)[:, :way]  # [B, N]
+    inputs = {
+        "support": torch.randn(batch, way * shot, frames, dim, generator=g),
+        "support_labels": support_labels,
+        "query": torch.randn(batch, way * query_per_class, frames, dim, generator=g),
+        "class_text": text_table[classes],  # [B, N, D]
+    }
+    needs = spec.training_inputs(config)
+    layer_dims = {needs.layer: dim} if needs.layer is not None else {}
+    if training:
+        inputs["query_labels"] = query_labels
+        if needs.class_ids:
+            inputs["support_class_ids"] = classes.gather(1, support_labels)
+            inputs["query_class_ids"] = classes.gather(1, query_labels)
+            inputs["text_table"] = text_table
+        if needs.layer is not None:
+            inputs["support_shallow"] = torch.randn_like(inputs["support"])
+            inputs["query_shallow"] = torch.randn_like(inputs["query"])
+    return {k: v.to(device) for k, v in inputs.items()}, layer_dims
+
+
+def episodes_per_s(step, episodes: int, device: torch.device, budget_s: float) -> dict:
+    """Rate of `step` (which handles `episodes` episodes): warm-up, then timed calls until about
+    `budget_s` has passed (at least one, at most 50); the median call sets the rate.
+
+    On CPU also the rate per CPU second of this process (user + system time of all its threads):
+    on a machine shared with other processes it moves much less than the wall-clock rate, and
+    with one thread it is the rate of an idle core."""
+    start = time.perf_counter()
+    step()  # warm-up: allocations, Adam's state
+    _sync(device)
+    warmup = time.perf_counter() - start
+    if warmup < budget_s / 10:
+        step()
+        _sync(device)
+    wall: list[float] = []
+    cpu: list[float] = []
+    while not wall or (sum(wall) < budget_s and len(wall) < 50):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        step()
+        _sync(device)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    wall.sort()
+    cpu.sort()
+    median = wall[len(wall) // 2]
+    rates = {"episodes_per_s": round(episodes / median, 2), "median_s": median}
+    if device.type == "cpu":
+        rates["episodes_per_cpu_s"] = round(episodes / cpu[len(cpu) // 2], 2)
+    return {**rates, "calls": len(wall), "warmup_s": round(warmup, 3)}
+
+
+def bench_registry(device: torch.device, dims: tuple[int, ...], budget_s: float) -> dict:
+    """Training and evaluation episodes/s of every registered head with its default options."""
+    train, evaluation = TrainConfig(), EvalConfig()
+    train_query, test_query = ProtocolConfig().train_query, EpisodeConfig().query
+    load = {"start": os.getloadavg()}
+    results = {}
+    for name, spec in HEADS.items():
+        for dim in dims:
+            config = spec.config()
+            row: dict = {"loadavg_1min": round(os.getloadavg()[0], 2)}  # a shared machine
+            inputs, layer_dims = registry_inputs(
+                spec, config, dim, train.episode_batch, train_query, True, device
+            )
+            torch.manual_seed(0)
+            head = spec.build(config, BuildContext(dim, layer_dims, NUM_TRAIN_CLASSES)).to(device)
+            params = [p for p in head.parameters() if p.requires_grad]
+            row["parameters"] = sum(p.numel() for p in params)
+            if params:  # `fsar train`'s optimizer and loss weights
+                optimizer = torch.optim.Adam(
+                    params, lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay
+                )
+                head.train()
+
+                def train_step(head=head, inputs=inputs, optimizer=optimizer, config=config):
+                    optimizer.zero_grad(set_to_none=True)
+                    out = head(**inputs)
+                    weights = aux_weights(config, set(out.aux))
+                    episode_loss(out, inputs["query_labels"], weights).backward()
+                    optimizer.step()
+
+                row["train"] = episodes_per_s(train_step, train.episode_batch, device, budget_s)
+                del optimizer
+            del inputs
+            inputs, _ = registry_inputs(
+                spec, config, dim, evaluation.episode_batch, test_query, False, device
+            )
+            head.eval()
+
+            @torch.no_grad()
+            def eval_step(head=head, inputs=inputs):
+                head(**inputs)
+
+            row["eval"] = episodes_per_s(eval_step, evaluation.episode_batch, device, budget_s)
+            results[f"{name} D={dim}"] = row
+            rates = {
+                mode: row[mode].get("episodes_per_s") for mode in ("train", "eval") if mode in row
+            }
+            print(f"{name} D={dim}: {rates}", file=sys.stderr)
+            del head, inputs
+    load["end"] = os.getloadavg()
+    return {
+        "setting": {
+            **dict(way=EpisodeConfig().way, shot=EpisodeConfig().shot, T=8, dtype="float32"),
+            "train": f"{train.episode_batch} episodes per forward, {train_query} queries per "
+            f"class; forward(train, query_labels, the spec's training inputs; text table of "
+            f"{NUM_TRAIN_CLASSES} classes) + episode_loss(aux_weights as fsar train merges "
+            f"them); backward; Adam(lr {train.lr}, betas {tuple(train.betas)}, weight decay "
+            f"{train.weight_decay}); parameter-free heads: none",
+            "eval": f"{evaluation.episode_batch} episodes per forward, {test_query} query per "
+            "class; eval mode, no_grad",
+            "timing": f"warm-up, then timed calls for about {budget_s} s (at least 1, at most "
+            "50); rate = episodes per call / median call (wall clock; on CPU also per CPU "
+            "second of this process)",
+        },
+        "loadavg_1_5_15min": {k: [round(x, 2) for x in v] for k, v in load.items()},
+        "results": results,
+    }
+
+
+PARTS = ("otam", "clipspm", "kernels", "registry")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--out", default="benchmarks/results/heads.json", help="JSON output path")
+    parser.add_argument(
+        "--out",
+        help="JSON output path (default benchmarks/results/heads.json, or heads_PART.json)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--only", choices=PARTS, help="run one part only")
     parser.add_argument("--otam-rounds", type=int, default=10)
     parser.add_argument("--kernel-rounds", type=int, default=7, help="CPU kernel comparison")
     parser.add_argument(
@@ -259,21 +422,37 @@ def main() -> None:
         default=25.0,
         help="rough time per CLIP-SPM batch size (repetitions shrink to fit)",
     )
+    parser.add_argument(
+        "--registry-budget-s",
+        type=float,
+        default=1.0,
+        help="rough timed seconds per head, width and mode in the registry sweep",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
+    parts = [args.only] if args.only else list(PARTS)
+    if device.type != "cpu" and "kernels" in parts:
+        parts.remove("kernels")  # fsar's CPU kernels only
+    out = Path(args.out or f"benchmarks/results/heads{'_' + args.only if args.only else ''}.json")
     report = {
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"
         else platform.processor() or "cpu",
+        "platform": platform.platform(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
-        "otam": bench_otam(device, args.otam_rounds),
-        "clipspm_train_step": bench_clipspm(device, [1, 16], 1024, args.step_budget_s),
     }
-    if device.type == "cpu":
+    if "otam" in parts:
+        report["otam"] = bench_otam(device, args.otam_rounds)
+    if "clipspm" in parts:
+        report["clipspm_train_step"] = bench_clipspm(device, [1, 16], 1024, args.step_budget_s)
+    if "kernels" in parts:
         report["cpu_kernels"] = bench_cpu_kernels(args.kernel_rounds)
-    out = Path(args.out)
+    if "registry" in parts:
+        started = time.perf_counter()
+        report["registry"] = bench_registry(device, RELEASE_DIMS, args.registry_budget_s)
+        report["registry"]["sweep_s"] = round(time.perf_counter() - started, 1)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")
     tmp.write_text(json.dumps(report, indent=2) + "\n")
