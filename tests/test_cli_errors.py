@@ -267,7 +267,7 @@ def test_an_official_checkpoint_of_the_other_head_names_both_heads(store, tmp_pa
         "eval", "--official", str(official), "--head", "clipspm", "--store", str(store),
         "--way", "2", "--episodes", "4", check=False,
     )  # fmt: skip
-    assert_one_line(result, "eval", "CLIPFSAR head", "CLIPSPM head", "--head clipfsar")
+    assert_one_line(result, "eval", "CLIP-FSAR head", "CLIP-SPM head", "--head clipfsar")
 
 
 @pytest.mark.slow
