@@ -24,13 +24,13 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from fsar.config import CONFIG_VERSION, Config, ConfigError, config_from_record, to_dict
+from fsar.config import Config, ConfigError, config_from_record
 from fsar.data.datasets import dataset_from_config
 from fsar.data.frames import FramePolicy, parse_frame_policy
 from fsar.data.transforms import Preprocess
 from fsar.devices import autocast_for, resolve_device
 from fsar.errors import FsarError
-from fsar.extract.distributed import DistContext, init_distributed
+from fsar.extract.distributed import init_distributed
 from fsar.extract.encoders import EncoderSpec, build_encoder, weights_id
 from fsar.extract.layers import LayerTaps
 from fsar.extract.prompts import encode_class_names, resolve_templates
@@ -42,17 +42,24 @@ from fsar.pipelines.build import aux_weights, build_head, class_id_inputs, train
 from fsar.pipelines.checkpoint import encoder_recipe
 from fsar.pipelines.clips import (
     TrainEpisodes,
-    VideoSplit,
     collate_episodes,
     task_seed,
     video_split,
 )
 from fsar.pipelines.e2e_eval import evaluate_cached, evaluate_decoded
-from fsar.pipelines.episodes import EpisodeSampler, EpisodeShape, fixed_episodes
 from fsar.pipelines.frame_plan import resolve_rule
-from fsar.pipelines.loop import Ranks, TrainingJob, TrainResult, micro_totals, open_run, run_steps
+from fsar.pipelines.loop import (
+    Ranks,
+    TrainingJob,
+    TrainResult,
+    micro_totals,
+    open_run,
+    run_record,
+    run_steps,
+    selection_episodes,
+    train_sampler,
+)
 from fsar.pipelines.run_checkpoints import FINETUNE_COMPARED
-from fsar.pipelines.train import train_shape
 
 REGIME = "e2e"
 
@@ -179,13 +186,8 @@ def finetune(config: Config, progress: bool = True) -> TrainResult:
     listing = config.extract.frame_listing
     train_videos = video_split(dataset, "train", listing)
     select_videos = video_split(dataset, selection, listing)
-    sampler = EpisodeSampler(
-        train_videos,
-        train_shape(config),
-        ("episodes.way", "protocol.train_shot (default episodes.shot)", "protocol.train_query"),
-    )
-    test_shape = EpisodeShape(config.episodes.way, config.episodes.shot, config.episodes.query)
-    select_episodes = fixed_episodes(select_videos, test_shape, tr.val_episodes, config.eval.seed)
+    sampler = train_sampler(train_videos, config)
+    select_episodes = selection_episodes(select_videos, config)
     train_classes = torch.unique(train_videos.class_ids)
     setup = build_video_model(config, dataset.class_names, device, len(train_classes))
     model = setup.model
@@ -193,7 +195,12 @@ def finetune(config: Config, progress: bool = True) -> TrainResult:
     if ft.grad_checkpointing:
         enable_grad_checkpointing(model.visual)
     optimizer = build_optimizer(model, config)
-    record = run_record(config, setup, dataset, train_videos, select_episodes, dist, frozen)
+    record = run_record(
+        config, int(setup.class_text.shape[-1]), setup.layer_dims, train_videos, select_episodes,
+        store_record(config, setup, dataset), regime=REGIME, encoder=setup.encoder_record,
+        frozen_parameters=len(frozen), world_size=dist.world_size,
+    )  # fmt: skip
+    record["selection"]["validation"] = config.finetune.validation
     ranks = Ranks(dist, device)
 
     def restore(payload: dict[str, Any]) -> None:
@@ -392,48 +399,15 @@ def ignore_interrupts_in_worker(_worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def run_record(
-    config: Config,
-    setup: Setup,
-    dataset,
-    train_videos: VideoSplit,
-    select_episodes,
-    dist: DistContext,
-    frozen: list[str],
-) -> dict[str, Any]:
-    """What a checkpoint and a report say about where the numbers came from.
-
-    ``store`` describes the store a re-extraction with this checkpoint gives; its ``weights``
-    depend on the checkpoint file's hash, so ``check_store_fits`` completes them.
-    """
-    enc = setup.encoder_record
+def store_record(config: Config, setup: Setup, dataset) -> dict[str, Any]:
+    """The run record's account of the store a re-extraction with this checkpoint gives: its
+    ``weights`` depend on the checkpoint file's hash, so ``check_store_fits`` completes them."""
     return {
-        "regime": REGIME,
-        "config": to_dict(config),
-        "config_version": CONFIG_VERSION,
-        "protocol": to_dict(config.protocol),
-        "head_name": config.head.name,
-        "feature_dim": int(setup.class_text.shape[-1]),
-        "layer_dims": setup.layer_dims,
-        "num_train_classes": int(torch.unique(train_videos.class_ids).numel()),
-        "encoder": enc,
-        "frozen_parameters": len(frozen),
-        "world_size": dist.world_size,
-        "store": {
-            "path": None,
-            "fingerprint": None,
-            "dataset": config.dataset.name,
-            "variant": dataset.variant,
-            "encoder": {**encoder_recipe(enc), "weights": None},
-            "frames": "reference_test",
-            "seq_len": config.extract.seq_len,
-            "train_videos": len(train_videos),
-            "train_videos_skipped": train_videos.skipped,
-        },
-        "selection": {
-            "split": config.protocol.selection_split,
-            "episodes": len(select_episodes),
-            "episodes_sha256": select_episodes.digest(),
-            "validation": config.finetune.validation,
-        },
+        "path": None,
+        "fingerprint": None,
+        "dataset": config.dataset.name,
+        "variant": dataset.variant,
+        "encoder": {**encoder_recipe(setup.encoder_record), "weights": None},
+        "frames": "reference_test",
+        "seq_len": config.extract.seq_len,
     }

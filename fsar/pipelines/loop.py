@@ -27,10 +27,11 @@ import torch.distributed as torch_dist
 from tqdm import tqdm
 
 from fsar.atomic import write_atomic
-from fsar.config import Config, ConfigError
+from fsar.config import CONFIG_VERSION, Config, ConfigError, to_dict
 from fsar.errors import FsarError
 from fsar.extract.distributed import DistContext, barrier
 from fsar.interrupts import Interrupted, stop_on_signals
+from fsar.pipelines.episodes import EpisodeIndex, EpisodeSampler, EpisodeShape, fixed_episodes
 from fsar.pipelines.evaluate import NonFiniteScores
 from fsar.pipelines.run_checkpoints import (
     check_resumable,
@@ -152,6 +153,57 @@ class RunState:
         if improved:
             self.best_step, self.best_accuracy = self.step, result.accuracy
         return improved
+
+
+def train_shape(config: Config) -> EpisodeShape:
+    ep, pr = config.episodes, config.protocol
+    return EpisodeShape(ep.way, pr.train_shot or ep.shot, pr.train_query)
+
+
+def train_sampler(source, config: Config) -> EpisodeSampler:
+    """Training episodes over a bank or a video split (checked once, naming the settings)."""
+    names = ("episodes.way", "protocol.train_shot (default episodes.shot)", "protocol.train_query")
+    return EpisodeSampler(source, train_shape(config), names)
+
+
+def selection_episodes(source, config: Config) -> EpisodeIndex:
+    """The fixed validation episodes (test shape, ``train.val_episodes``, ``eval.seed``)."""
+    ep = config.episodes
+    shape = EpisodeShape(ep.way, ep.shot, ep.query)
+    return fixed_episodes(source, shape, config.train.val_episodes, config.eval.seed)
+
+
+def run_record(
+    config: Config,
+    feature_dim: int,
+    layer_dims: dict[str, int],
+    train,
+    select: EpisodeIndex,
+    store: dict[str, Any],
+    **extra: Any,
+) -> dict[str, Any]:
+    """What a checkpoint and a report say about where the numbers came from.
+
+    train: the training bank or video split; store: the command's account of the features it
+    trains on (path, fingerprint, dataset, variant, encoder, frames, seq_len); extra: keys of the
+    command's own.
+    """
+    return {
+        **extra,
+        "config": to_dict(config),
+        "config_version": CONFIG_VERSION,
+        "protocol": to_dict(config.protocol),
+        "head_name": config.head.name,
+        "feature_dim": feature_dim,
+        "layer_dims": layer_dims,
+        "num_train_classes": int(torch.unique(train.class_ids).numel()),
+        "store": {**store, "train_videos": len(train), "train_videos_skipped": train.skipped},
+        "selection": {
+            "split": config.protocol.selection_split,
+            "episodes": len(select),
+            "episodes_sha256": select.digest(),
+        },
+    }
 
 
 def open_run(

@@ -19,17 +19,12 @@ import torch
 
 from fsar.cache import open_store
 from fsar.cache.bank import FeatureBank, load_bank
-from fsar.config import CONFIG_VERSION, Config, ConfigError, check_head_batching, to_dict
+from fsar.config import Config, ConfigError, check_head_batching
 from fsar.devices import autocast_for, resolve_device
 from fsar.heads import episode_loss
 from fsar.pipelines.build import aux_weights, build_head, episode_tensors, training_inputs
 from fsar.pipelines.checkpoint import encoder_recipe
-from fsar.pipelines.episodes import (
-    EpisodeSampler,
-    EpisodeShape,
-    fixed_episodes,
-    train_positions,
-)
+from fsar.pipelines.episodes import train_positions
 from fsar.pipelines.evaluate import EvalSetup, evaluate_episodes
 from fsar.pipelines.frame_plan import (
     check_store_frames,
@@ -43,16 +38,14 @@ from fsar.pipelines.loop import (
     TrainResult,
     micro_totals,
     open_run,
+    run_record,
     run_steps,
+    selection_episodes,
+    train_sampler,
 )
 from fsar.pipelines.run_checkpoints import TRAIN_COMPARED
 
-__all__ = ["TrainResult", "TrainingDiverged", "train_heads", "train_shape"]
-
-
-def train_shape(config: Config) -> EpisodeShape:
-    ep, pr = config.episodes, config.protocol
-    return EpisodeShape(ep.way, pr.train_shot or ep.shot, pr.train_query)
+__all__ = ["TrainResult", "TrainingDiverged", "train_heads"]
 
 
 def train_heads(config: Config, progress: bool = True) -> TrainResult:
@@ -72,19 +65,10 @@ def train_heads(config: Config, progress: bool = True) -> TrainResult:
     layers = [layer] if layer else []
     train_bank = load_bank(store, "train", device, config.protocol.train_views, layers)
     select_bank = load_bank(store, config.protocol.selection_split, device, ["center"], layers)
-    sampler = EpisodeSampler(
-        train_bank,
-        train_shape(config),
-        ("episodes.way", "protocol.train_shot (default episodes.shot)", "protocol.train_query"),
-    )
+    sampler = train_sampler(train_bank, config)
     select = EvalSetup(
         select_bank,
-        fixed_episodes(
-            select_bank,
-            EpisodeShape(config.episodes.way, config.episodes.shot, config.episodes.query),
-            tr.val_episodes,
-            config.eval.seed,
-        ),
+        selection_episodes(select_bank, config),
         seq_len,
         config.protocol.test_frames,
         config.eval.seed,
@@ -103,7 +87,10 @@ def train_heads(config: Config, progress: bool = True) -> TrainResult:
         else None
     )
     generator = torch.Generator().manual_seed(tr.seed)
-    record = run_record(config, store, train_bank, select)
+    record = run_record(
+        config, train_bank.feature_dim, train_bank.layer_dims, train_bank, select.episodes,
+        store_record(config, store),
+    )  # fmt: skip
 
     def restore(payload: dict[str, Any]) -> None:
         """Weights, optimizer and every random state of a last.pt, for an exact resume."""
@@ -193,31 +180,15 @@ def jitter_used_videos(
     return positions, views
 
 
-def run_record(config: Config, store, train_bank: FeatureBank, select) -> dict[str, Any]:
-    """What a checkpoint and a report must say about where the numbers came from."""
+def store_record(config: Config, store) -> dict[str, Any]:
+    """The run record's account of the store the head trains on."""
     recipe = store.recipe
     return {
-        "config": to_dict(config),
-        "config_version": CONFIG_VERSION,
-        "protocol": to_dict(config.protocol),
-        "head_name": config.head.name,
-        "feature_dim": train_bank.feature_dim,
-        "layer_dims": train_bank.layer_dims,
-        "num_train_classes": int(torch.unique(train_bank.class_ids).numel()),
-        "store": {
-            "path": str(store.path),
-            "fingerprint": store.fingerprint,
-            "dataset": recipe.get("dataset"),
-            "variant": config.dataset.variant,
-            "encoder": encoder_recipe(recipe),
-            "frames": recipe.get("frames"),
-            "seq_len": recipe.get("seq_len"),
-            "train_videos": len(train_bank),
-            "train_videos_skipped": train_bank.skipped,
-        },
-        "selection": {
-            "split": config.protocol.selection_split,
-            "episodes": len(select.episodes),
-            "episodes_sha256": select.episodes.digest(),
-        },
+        "path": str(store.path),
+        "fingerprint": store.fingerprint,
+        "dataset": recipe.get("dataset"),
+        "variant": config.dataset.variant,
+        "encoder": encoder_recipe(recipe),
+        "frames": recipe.get("frames"),
+        "seq_len": recipe.get("seq_len"),
     }
