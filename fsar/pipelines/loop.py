@@ -8,7 +8,9 @@ before anything of that step is validated or written, logs metrics, validates ev
 ``save_run_checkpoints``, and stops after the current step on SIGINT / SIGTERM with ``last.pt``
 written at it. Under ``torchrun`` (``Ranks``) rank 0 alone logs, validates and writes, losses
 and signals are agreed over the ranks, and gradients are all-reduced on the last micro-batch
-only; with one process these hooks do nothing.
+only; with one process these hooks do nothing. Both commands also draw their training episodes
+(``train_sampler``), their validation episodes (``selection_episodes``) and write their run
+record (``run_record``) here, so those agree between them by construction.
 """
 
 from __future__ import annotations
