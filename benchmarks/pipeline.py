@@ -37,6 +37,7 @@ from fsar.data.frames import train_frame_positions
 from fsar.data.synthetic import DemoSpec, render_demo_dataset
 from fsar.data.transforms import Preprocess, apply_view
 from fsar.data.video import open_source
+from fsar.devices import resolve_device
 from fsar.extract.encoders import TINY_MODELS, EncoderSpec, build_encoder
 from fsar.extract.runner import run_extraction
 from fsar.heads import episode_loss
@@ -44,7 +45,8 @@ from fsar.pipelines.build import aux_weights, build_head
 from fsar.pipelines.checkpoint import load_checkpoint
 from fsar.pipelines.episodes import EpisodeIndex, EpisodeSampler, EpisodeShape, fixed_episodes
 from fsar.pipelines.evaluate import EvalSetup, evaluate_episodes
-from fsar.pipelines.train import jitter_used_videos, resolve_device, train_heads, train_shape
+from fsar.pipelines.loop import train_shape
+from fsar.pipelines.train import jitter_used_videos, train_heads
 
 # The release's CLIP-SPM head has fixed widths (8 heads x 256, MLP and prompt hidden 2048): twice
 # the RN50 feature width (1024), four times ViT-B/16's (512). The tiny model's features are 64-d,

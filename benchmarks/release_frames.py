@@ -34,7 +34,8 @@ from fsar.cache import open_store
 from fsar.config import load_config, with_overrides
 from fsar.data.synthetic import DemoSpec, render_demo_dataset
 from fsar.extract.runner import run_extraction
-from fsar.pipelines.demo import DEMO_HEADS, DEMO_LEARNING_RATES, demo_config
+from fsar.heads.registry import head_spec
+from fsar.pipelines.demo import DEMO_HEADS, demo_config
 from fsar.pipelines.evaluate import compare
 from fsar.pipelines.run_eval import run_evaluation
 from fsar.pipelines.train import train_heads
@@ -133,7 +134,7 @@ def main() -> None:
                     {
                         **protocol,
                         "head.name": head,
-                        "train.lr": DEMO_LEARNING_RATES[head],
+                        "train.lr": head_spec(head).demo_lr,
                         "train.store": str(stores[store]),
                         "train.out": str(work / "runs" / name / head),
                         "eval.out": str(work / "results" / name / f"{head}.json"),

@@ -28,7 +28,7 @@ from fsar.pipelines.checkpoint import FORMAT, load_checkpoint
 from fsar.pipelines.train import TrainingDiverged, train_heads
 
 from .conftest import REPO, run_fsar
-from .test_pipelines import SMALL_HEAD, extract_store
+from .test_pipelines import SMALL_HEAD, extract_store, small_head
 
 STEPS, VAL_EVERY = 6, 2
 
@@ -42,14 +42,15 @@ def store(tmp_path_factory) -> Path:
 
 
 def overrides(store: Path, out: Path, steps: int = STEPS, *extra: str) -> list[str]:
+    head = next((e.split("=", 1)[1] for e in extra if e.startswith("head.name=")), "clipspm")
     return [
         f"train.store={store}",
         f"train.out={out}",
         f"train.steps={steps}",
         f"train.val_every={VAL_EVERY}",
-        "head.name=clipspm",
+        f"head.name={head}",
         "train.device=cpu",
-        *SMALL_HEAD,
+        *small_head(head),
         *extra,
     ]
 

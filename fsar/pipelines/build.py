@@ -16,7 +16,7 @@ from fsar.config import ConfigError, HeadConfig
 from fsar.heads import FewShotHead
 from fsar.heads.registry import build_head as registry_build
 from fsar.heads.registry import head_spec
-from fsar.heads.spec import LOGITS_TERM, BuildContext
+from fsar.heads.spec import LOGITS_TERM, BuildContext, TrainingInputs
 from fsar.pipelines.episodes import EpisodeIndex
 
 
@@ -28,6 +28,11 @@ def build_head(
 ) -> FewShotHead:
     """A freshly initialised head of the registry (seed torch first for reproducible weights)."""
     return registry_build(config, BuildContext(feature_dim, dict(layer_dims), num_train_classes))
+
+
+def training_inputs(config: HeadConfig) -> TrainingInputs:
+    """What the head reads in training beyond the episode (its spec decides)."""
+    return head_spec(config.name).training_inputs(config)
 
 
 def train_class_count(store) -> int:
@@ -107,12 +112,13 @@ def episode_tensors(
         return out
 
     extras: dict[str, torch.Tensor] = {}
-    needs = head_spec(config.name).training_inputs(config)
-    if training and needs.layer is not None:
-        extras["support_shallow"] = frames("support", needs.layer)
-        extras["query_shallow"] = frames("query", needs.layer)
-    if training and needs.class_ids and text_classes is not None:
-        extras |= video_text_inputs(
+    layer = training_inputs(config).layer
+    if training and layer is not None:
+        extras["support_shallow"] = frames("support", layer)
+        extras["query_shallow"] = frames("query", layer)
+    if training and text_classes is not None:
+        extras |= class_id_inputs(
+            config,
             bank.class_text,
             text_classes,
             bank.class_ids[episodes.support],
@@ -126,6 +132,19 @@ def episode_tensors(
         class_text=bank.class_text[episodes.classes],
         extras=extras,
     )
+
+
+def class_id_inputs(
+    config: HeadConfig,
+    class_text: torch.Tensor,
+    text_classes: torch.Tensor,
+    support_class_ids: torch.Tensor,
+    query_class_ids: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """``video_text_inputs`` if the head reads class ids in training, else ``{}``."""
+    if not training_inputs(config).class_ids:
+        return {}
+    return video_text_inputs(class_text, text_classes, support_class_ids, query_class_ids)
 
 
 def video_text_inputs(

@@ -11,8 +11,6 @@ Two ways, same frames and crops (the test policy), same numbers up to float roun
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
@@ -23,6 +21,7 @@ from fsar.config import HeadConfig
 from fsar.data.frames import FramePolicy
 from fsar.data.release_frames import RANDOM_RULES
 from fsar.data.transforms import Preprocess
+from fsar.devices import autocast_for
 from fsar.pipelines.backbone import VideoModel
 from fsar.pipelines.clips import (
     DenseVideos,
@@ -34,13 +33,6 @@ from fsar.pipelines.clips import (
 from fsar.pipelines.episodes import EpisodeIndex
 from fsar.pipelines.evaluate import EvalOutcome, EvalSetup, evaluate_episodes, tally
 from fsar.pipelines.frame_plan import resolve_rule
-
-
-def autocast_for(device: torch.device, bf16: bool):
-    """bf16 autocast on GPU when asked; CPU runs float32 (as train-heads)."""
-    if device.type == "cuda" and bf16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
 
 
 def _loader(dataset, batch_size: int, workers: int, collate=None) -> DataLoader:

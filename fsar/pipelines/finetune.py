@@ -15,77 +15,57 @@ dataset with the encoder so that ``fsar eval`` scores them on the store.
 
 from __future__ import annotations
 
-import json
 import signal
-import time
-from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from fsar.atomic import write_atomic
-from fsar.config import CONFIG_VERSION, Config, ConfigError, config_from_record, to_dict
+from fsar.config import Config, ConfigError, config_from_record
 from fsar.data.datasets import dataset_from_config
 from fsar.data.frames import FramePolicy, parse_frame_policy
 from fsar.data.transforms import Preprocess
-from fsar.devices import resolve_device
+from fsar.devices import autocast_for, resolve_device
 from fsar.errors import FsarError
-from fsar.extract.distributed import DistContext, barrier, init_distributed
+from fsar.extract.distributed import init_distributed
 from fsar.extract.encoders import EncoderSpec, build_encoder, weights_id
 from fsar.extract.layers import LayerTaps
 from fsar.extract.prompts import encode_class_names, resolve_templates
 from fsar.extract.recipe import preprocess_from_config
 from fsar.extract.runner import cpu_threads_beside_workers, encoder_spec
 from fsar.heads import episode_loss
-from fsar.heads.registry import head_spec
-from fsar.interrupts import Interrupted, stop_on_signals
 from fsar.pipelines.backbone import VideoModel, enable_grad_checkpointing, freeze_first_blocks
-from fsar.pipelines.build import aux_weights, build_head, video_text_inputs
+from fsar.pipelines.build import aux_weights, build_head, class_id_inputs, training_inputs
 from fsar.pipelines.checkpoint import encoder_recipe
 from fsar.pipelines.clips import (
     TrainEpisodes,
-    VideoSplit,
     collate_episodes,
     task_seed,
     video_split,
 )
-from fsar.pipelines.e2e_eval import autocast_for, evaluate_cached, evaluate_decoded
-from fsar.pipelines.episodes import EpisodeSampler, EpisodeShape, fixed_episodes
-from fsar.pipelines.evaluate import NonFiniteScores
+from fsar.pipelines.e2e_eval import evaluate_cached, evaluate_decoded
 from fsar.pipelines.frame_plan import resolve_rule
-from fsar.pipelines.run_checkpoints import FINETUNE_COMPARED, kept_files, save_run_checkpoints
-from fsar.pipelines.train import (
-    MetricLogger,
-    RunState,
-    TrainingDiverged,
-    check_parameters,
-    start_or_resume,
-    train_shape,
+from fsar.pipelines.loop import (
+    Ranks,
+    TrainingJob,
+    TrainResult,
+    micro_totals,
+    open_run,
+    run_record,
+    run_steps,
+    selection_episodes,
+    train_sampler,
 )
+from fsar.pipelines.run_checkpoints import FINETUNE_COMPARED
 
 REGIME = "e2e"
 
 
 class FinetuneOutOfMemory(FsarError, RuntimeError):
     """The device ran out of memory; the message lists the settings that lower memory."""
-
-
-@dataclass
-class FinetuneResult:
-    out: Path
-    steps: int
-    best_step: int
-    best_accuracy: float
-    history: list[dict[str, Any]] = field(default_factory=list)
-    resumed_from: int = 0
-    world_size: int = 1
-    rank: int = 0
 
 
 @dataclass
@@ -141,7 +121,7 @@ def build_video_model(
     class_text = class_text.mean(dim=1).to(device)
     visual = encoder.model.visual
     prep = preprocess_from_config(config, encoder.image_size)
-    shallow = head_spec(config.head.name).training_inputs(config.head).layer
+    shallow = training_inputs(config.head).layer
     layer_dims = probe_layer_dims(visual, shallow, prep.crop, device)
     torch.manual_seed(config.train.seed)  # the head's initial weights
     head = build_head(config.head, encoder.embed_dim, layer_dims, num_train_classes)
@@ -188,7 +168,7 @@ def probe_layer_dims(visual, layer: str | None, crop: int, device) -> dict[str, 
     return dims
 
 
-def finetune(config: Config, progress: bool = True) -> FinetuneResult:
+def finetune(config: Config, progress: bool = True) -> TrainResult:
     """Fine-tune (or resume fine-tuning) the encoder and head of ``config``."""
     tr, ft, ex = config.train, config.finetune, config.extract
     if not config.dataset.root:
@@ -206,13 +186,8 @@ def finetune(config: Config, progress: bool = True) -> FinetuneResult:
     listing = config.extract.frame_listing
     train_videos = video_split(dataset, "train", listing)
     select_videos = video_split(dataset, selection, listing)
-    sampler = EpisodeSampler(
-        train_videos,
-        train_shape(config),
-        ("episodes.way", "protocol.train_shot (default episodes.shot)", "protocol.train_query"),
-    )
-    test_shape = EpisodeShape(config.episodes.way, config.episodes.shot, config.episodes.query)
-    select_episodes = fixed_episodes(select_videos, test_shape, tr.val_episodes, config.eval.seed)
+    sampler = train_sampler(train_videos, config)
+    select_episodes = selection_episodes(select_videos, config)
     train_classes = torch.unique(train_videos.class_ids)
     setup = build_video_model(config, dataset.class_names, device, len(train_classes))
     model = setup.model
@@ -220,22 +195,34 @@ def finetune(config: Config, progress: bool = True) -> FinetuneResult:
     if ft.grad_checkpointing:
         enable_grad_checkpointing(model.visual)
     optimizer = build_optimizer(model, config)
-    record = run_record(config, setup, dataset, train_videos, select_episodes, dist, frozen)
-    state, payload = resume(out, tr.resume, model, optimizer, record, dist)
-    if dist.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        MetricLogger.drop_after(out, state.step)  # lines a killed run wrote past last.pt
-        write_atomic(out / "config.json", (json.dumps(record, indent=2) + "\n").encode())
-    barrier(dist)
-    trained = (
-        DistributedDataParallel(
+    record = run_record(
+        config, int(setup.class_text.shape[-1]), setup.layer_dims, train_videos, select_episodes,
+        store_record(config, setup, dataset), regime=REGIME, encoder=setup.encoder_record,
+        frozen_parameters=len(frozen), world_size=dist.world_size,
+    )  # fmt: skip
+    record["selection"]["validation"] = config.finetune.validation
+    ranks = Ranks(dist, device)
+
+    def restore(payload: dict[str, Any]) -> None:
+        if payload["world_size"] != record["world_size"] and ranks.writer:
+            print(
+                f"note: {out / 'last.pt'} was written by {payload['world_size']} process(es), "
+                f"this run has {record['world_size']}: the episodes are the same, float sums "
+                "may differ slightly"
+            )
+        model.visual.load_state_dict(payload["visual"])
+        model.head.load_state_dict(payload["head"])
+        optimizer.load_state_dict(payload["optimizer"])
+
+    state = open_run(out, tr.resume, record, FINETUNE_COMPARED, restore, ranks)
+    trained = model
+    if dist.world_size > 1:
+        trained = DistributedDataParallel(
             model,
             device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=True,  # heads skip some parameters on some episodes
         )
-        if dist.world_size > 1
-        else model
-    )
+        ranks = replace(ranks, no_sync=trained.no_sync)
     flip = ft.flip if ft.flip is not None else not config.dataset.name.startswith("ssv2")
     train_rule = resolve_rule(config.protocol.train_frames, config.dataset.name)
     episodes = TrainEpisodes(
@@ -264,86 +251,39 @@ def finetune(config: Config, progress: bool = True) -> FinetuneResult:
         pin_memory=device.type == "cuda",
         worker_init_fn=ignore_interrupts_in_worker,
     )
-    logger = MetricLogger(out, enabled=dist.rank == 0)
-    show = progress and dist.rank == 0
-    bar = tqdm(total=tr.steps, initial=state.step, unit="step", desc="finetune", disable=not show)
-    micro_batches = local_tasks // ft.episode_batch
     batches = iter(loader)
-    started, episodes_done = time.perf_counter(), 0
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    saver = Saver(out, model, optimizer, record, state, payload is not None, dist.rank == 0)
-    params = [p for p in model.parameters() if p.requires_grad]
-    with cpu_threads_beside_workers(device, ft.workers), stop_on_signals() as stop:
-        while state.step < tr.steps:
-            trained.train()
-            optimizer.zero_grad(set_to_none=True)
-            totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, queries
-            try:
-                for micro in range(micro_batches):
-                    batch = next(batches)
-                    sync = micro == micro_batches - 1 or dist.world_size == 1
-                    context = trained.no_sync() if not sync else nullcontext()
-                    with context:
-                        totals += train_micro_batch(
-                            trained, batch, setup.class_text, train_classes, config, device,
-                            scale=ft.episode_batch / local_tasks,
-                        )  # fmt: skip
-            except RuntimeError as err:  # torch.OutOfMemoryError is one
-                if not is_out_of_memory(err):
-                    raise
-                raise FinetuneOutOfMemory(oom_message(config, device)) from err
-            optimizer.step()
-            totals = all_reduced(totals, dist, device)
-            # every rank sees the same summed loss and the same (all-reduced) parameters, so
-            # all of them stop here together
-            if not bool(torch.isfinite(totals[0])):
-                raise TrainingDiverged(
-                    f"loss is {float(totals[0])} at step {state.step + 1}; stopped, nothing of "
-                    f"it was written. Kept: {kept_files(out)} (lower train.lr or "
-                    "finetune.backbone_lr)"
-                )
-            check_parameters(params, state.step + 1, "train.lr or finetune.backbone_lr", out)
-            state.step += 1
-            episodes_done += tr.tasks_per_batch
-            rate = episodes_done / max(time.perf_counter() - started, 1e-9)
-            metrics = {
-                "step": state.step,
-                "loss": float(totals[0] / tr.tasks_per_batch),
-                "train_accuracy": float(100.0 * totals[1] / totals[2]),
-                "episodes_per_s": rate,
-            }
-            if device.type == "cuda":
-                metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", eps=f"{rate:.2f}")
-            if state.step % tr.log_every == 0 and dist.rank == 0:
-                logger.log("train", metrics)
-            if state.step % tr.val_every == 0 or state.step == tr.steps:
-                if dist.rank == 0:
-                    validate_and_save(
-                        model, setup, select_videos, select_episodes, state, logger, config,
-                        show, saver,
-                    )  # fmt: skip
-                barrier(dist)
-            signum = agreed_signal(stop.signum, dist, device)
-            if signum:  # the safe point: the step is done, its state goes to last.pt
-                saver.last()
-                barrier(dist)
-                bar.close()
-                raise Interrupted(signum, f"kept: {kept_files(out)}")
-    bar.close()
-    logger.close()
-    return FinetuneResult(
-        out,
-        state.step,
-        state.best_step,
-        state.best_accuracy,
-        state.history,
-        state.resumed_from,
-        dist.world_size,
-        dist.rank,
+
+    def micro_batch() -> torch.Tensor:
+        try:
+            return train_micro_batch(
+                trained, next(batches), setup.class_text, train_classes, config, device,
+                scale=ft.episode_batch / local_tasks,
+            )  # fmt: skip
+        except RuntimeError as err:  # torch.OutOfMemoryError is one
+            if not is_out_of_memory(err):
+                raise
+            raise FinetuneOutOfMemory(oom_message(config, device)) from err
+
+    job = TrainingJob(
+        config,
+        trained,
+        optimizer,
+        local_tasks // ft.episode_batch,
+        micro_batch,
+        lambda: validate(model, setup, select_videos, select_episodes, config, progress),
+        lambda: {
+            "visual": model.visual.state_dict(),
+            "head": model.head.state_dict(),
+            "optimizer": optimizer.state_dict(),
+        },
+        record,
+        lower="train.lr or finetune.backbone_lr",
+        device=device,
+        desc="finetune",
+        ranks=ranks,
     )
+    with cpu_threads_beside_workers(device, ft.workers):
+        return run_steps(job, state, progress)
 
 
 def tasks_per_rank(tasks_per_batch: int, world_size: int, episode_batch: int) -> int:
@@ -367,13 +307,13 @@ def train_micro_batch(
     """Forward + backward of one micro-batch; returns (loss * episodes, correct, queries)."""
     index = batch.episodes.to(device)
     extras = {"query_labels": index.query_labels}
-    if head_spec(config.head.name).training_inputs(config.head).class_ids:
-        extras |= video_text_inputs(
-            class_text,
-            train_classes,
-            index.classes.gather(1, index.support_labels),
-            index.classes.gather(1, index.query_labels),
-        )
+    extras |= class_id_inputs(
+        config.head,
+        class_text,
+        train_classes,
+        index.classes.gather(1, index.support_labels),
+        index.classes.gather(1, index.query_labels),
+    )
     # dropout masks follow the task, not the rank or the resume point
     torch.manual_seed(task_seed(config.train.seed, batch.tasks[0], stream=1))
     with autocast_for(device, config.train.bf16):
@@ -384,15 +324,10 @@ def train_micro_batch(
             class_text[index.classes],
             **extras,
         )
-    # a non-finite loss is caught after the step, on the all-reduced sum (so every rank stops)
+    # a non-finite loss is caught by the loop on the step's sum over ranks (all ranks stop)
     loss = episode_loss(output, index.query_labels, aux_weights(config.head, set(output.aux)))
     (loss * scale).backward()
-    correct = (output.logits.argmax(-1) == index.query_labels).sum()
-    episodes = len(batch.tasks)
-    return torch.tensor(
-        [loss.item() * episodes, float(correct), float(index.query_labels.numel())],
-        dtype=torch.float64,
-    )
+    return micro_totals(output, index.query_labels, loss, len(batch.tasks))
 
 
 def build_optimizer(model: VideoModel, config: Config) -> torch.optim.Optimizer:
@@ -437,82 +372,25 @@ def oom_message(config: Config, device: torch.device) -> str:
     )
 
 
-def validate_and_save(
-    model, setup, videos, episodes, state, logger, config: Config, show: bool, saver: Saver
-) -> None:
+def validate(model, setup, videos, episodes, config: Config, progress: bool):
+    """Score the selection episodes with the encoder as it is now (cached or decoded)."""
     ft = config.finetune
     score = evaluate_cached if ft.validation == "cached" else evaluate_decoded
     kwargs = {"head_config": config.head} if ft.validation == "cached" else {}
-    try:
-        result = score(
-            model,
-            videos,
-            episodes,
-            setup.class_text,
-            setup.policy,
-            setup.prep,
-            workers=ft.workers,
-            bf16=config.train.bf16,
-            backend=config.extract.decode_backend,
-            progress=show,
-            **test_frame_options(config),
-            **kwargs,
-        )
-    except NonFiniteScores as err:
-        raise TrainingDiverged(
-            f"{err} at step {state.step}; stopped, nothing of it was written. Kept: "
-            f"{kept_files(saver.out)} (lower train.lr or finetune.backbone_lr)"
-        ) from err
-    improved = state.record_validation(result, config.protocol.selection_split, logger)
-    saver.save(improved)
-
-
-class Saver:
-    """Rank 0 writes the run's checkpoints; remembers the step last.pt holds."""
-
-    def __init__(self, out: Path, model, optimizer, record, state, resumed: bool, writer: bool):
-        self.out, self.model, self.optimizer, self.record = out, model, optimizer, record
-        self.state, self.writer = state, writer
-        self.step = state.step if resumed else None
-
-    def save(self, improved: bool) -> None:
-        if self.writer:
-            payload = {
-                "visual": self.model.visual.state_dict(),
-                "head": self.model.head.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "step": self.state.step,
-                "best_step": self.state.best_step,
-                "best_accuracy": self.state.best_accuracy,
-                "history": list(self.state.history),
-                **self.record,
-            }
-            save_run_checkpoints(self.out, payload, improved)
-        self.step = self.state.step
-
-    def last(self) -> None:
-        """last.pt at the current step, unless it already holds it."""
-        if self.step != self.state.step:
-            self.save(improved=False)
-
-
-def all_reduced(values: torch.Tensor, dist: DistContext, device: torch.device) -> torch.Tensor:
-    """The sum over ranks (on the device: NCCL reduces CUDA tensors only)."""
-    if dist.world_size == 1:
-        return values
-    on_device = values.to(device if device.type == "cuda" else "cpu")
-    torch_dist.all_reduce(on_device)
-    return on_device.cpu()
-
-
-def agreed_signal(signum: int | None, dist: DistContext, device: torch.device) -> int:
-    """The stop signal any rank received (0: none), the same on every rank."""
-    if dist.world_size == 1:
-        return signum or 0
-    flag = torch.tensor([float(signum or 0)], dtype=torch.float64)
-    flag = flag.to(device if device.type == "cuda" else "cpu")
-    torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
-    return int(flag.item())
+    return score(
+        model,
+        videos,
+        episodes,
+        setup.class_text,
+        setup.policy,
+        setup.prep,
+        workers=ft.workers,
+        bf16=config.train.bf16,
+        backend=config.extract.decode_backend,
+        progress=progress,
+        **test_frame_options(config),
+        **kwargs,
+    )
 
 
 def ignore_interrupts_in_worker(_worker_id: int) -> None:
@@ -521,73 +399,15 @@ def ignore_interrupts_in_worker(_worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def run_record(
-    config: Config,
-    setup: Setup,
-    dataset,
-    train_videos: VideoSplit,
-    select_episodes,
-    dist: DistContext,
-    frozen: list[str],
-) -> dict[str, Any]:
-    """What a checkpoint and a report say about where the numbers came from.
-
-    ``store`` describes the store a re-extraction with this checkpoint gives; its ``weights``
-    depend on the checkpoint file's hash, so ``check_store_fits`` completes them.
-    """
-    enc = setup.encoder_record
+def store_record(config: Config, setup: Setup, dataset) -> dict[str, Any]:
+    """The run record's account of the store a re-extraction with this checkpoint gives: its
+    ``weights`` depend on the checkpoint file's hash, so ``check_store_fits`` completes them."""
     return {
-        "regime": REGIME,
-        "config": to_dict(config),
-        "config_version": CONFIG_VERSION,
-        "protocol": to_dict(config.protocol),
-        "head_name": config.head.name,
-        "feature_dim": int(setup.class_text.shape[-1]),
-        "layer_dims": setup.layer_dims,
-        "num_train_classes": int(torch.unique(train_videos.class_ids).numel()),
-        "encoder": enc,
-        "frozen_parameters": len(frozen),
-        "world_size": dist.world_size,
-        "store": {
-            "path": None,
-            "fingerprint": None,
-            "dataset": config.dataset.name,
-            "variant": dataset.variant,
-            "encoder": {**encoder_recipe(enc), "weights": None},
-            "frames": "reference_test",
-            "seq_len": config.extract.seq_len,
-            "train_videos": len(train_videos),
-            "train_videos_skipped": train_videos.skipped,
-        },
-        "selection": {
-            "split": config.protocol.selection_split,
-            "episodes": len(select_episodes),
-            "episodes_sha256": select_episodes.digest(),
-            "validation": config.finetune.validation,
-        },
+        "path": None,
+        "fingerprint": None,
+        "dataset": config.dataset.name,
+        "variant": dataset.variant,
+        "encoder": {**encoder_recipe(setup.encoder_record), "weights": None},
+        "frames": "reference_test",
+        "seq_len": config.extract.seq_len,
     }
-
-
-def resume(
-    out: Path, resume: bool, model: VideoModel, optimizer, record, dist: DistContext
-) -> tuple[RunState, dict[str, Any] | None]:
-    """``start_or_resume`` (rank 0 repairs best.pt first), then the weights of last.pt."""
-    if dist.rank == 0:
-        state, payload = start_or_resume(out, resume, record, FINETUNE_COMPARED)
-    barrier(dist)
-    if dist.rank != 0:
-        state, payload = start_or_resume(out, resume, record, FINETUNE_COMPARED, repair=False)
-    if payload is None:
-        return state, None
-    if payload.get("regime") != REGIME:
-        raise ConfigError(f"{out / 'last.pt'} is not from fsar finetune: pick a new --out")
-    if payload["world_size"] != record["world_size"] and dist.rank == 0:
-        print(
-            f"note: {out / 'last.pt'} was written by {payload['world_size']} process(es), this "
-            f"run has {record['world_size']}: the episodes are the same, float sums may differ "
-            "slightly"
-        )
-    model.visual.load_state_dict(payload["visual"])
-    model.head.load_state_dict(payload["head"])
-    optimizer.load_state_dict(payload["optimizer"])
-    return state, payload
