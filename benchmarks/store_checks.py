@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fsar.cache import StoreLayout, create_store, open_store
+from fsar.cache import FeatureStore, StoreLayout, create_store, open_store
 from fsar.cache.bank import load_bank
 from fsar.cache.integrity import (
     checked_status,
@@ -31,6 +31,7 @@ from fsar.cache.integrity import (
     require_frame_counts,
     require_rows,
 )
+from fsar.data.frames import FramePolicy, select_frames
 
 
 def build(path: Path, n: int, t: int, d: int, chunk: int) -> None:
@@ -46,17 +47,62 @@ def build(path: Path, n: int, t: int, d: int, chunk: int) -> None:
         chunk_videos=chunk,
     )
     store = create_store(path, layout, {"benchmark": "store_checks"})
-    arrays, step = store._arrays, chunk * 256  # many chunks per call: zarr writes them in parallel
-    for start in range(0, n, step):
-        b = min(step, n - start)
-        arrays.write_many([
-            ("features/center", start, rng.standard_normal((b, t, d)).astype(np.float16)),
-            ("videos/n_frames", start, np.full(b, t, np.int32)),
-            ("videos/frame_index", start, np.tile(np.arange(t, dtype=np.int32), (b, 1))),
-            ("videos/error", start, np.array([""] * b, dtype=object)),
-        ])  # fmt: skip
-        arrays.write("videos/status", start, np.ones(b, np.uint8))
-    per_prompt = rng.standard_normal((100, 1, d)).astype(np.float32)
+    fill_random(store, rng, span_videos=chunk * 256)
+    write_random_text(store, rng)
+
+
+def fill_random(
+    store: FeatureStore,
+    rng: np.random.Generator,
+    policy: FramePolicy | None = None,
+    lengths: np.ndarray | None = None,
+    fps: np.ndarray | None = None,
+    span_videos: int = 4096,
+) -> None:
+    """Write every video of a fresh store as done, with random float16 features, through
+    ``FeatureStore.write_block`` (chunks of ``chunk_videos``, as extraction writes them).
+
+    ``span_videos`` (rounded to whole chunks) go in one call, so zarr writes their chunk files
+    concurrently; the store's contents do not depend on it. policy, lengths (int [N]) and fps
+    (float [N]): the cached frames of each video are the source frames ``policy`` selects from
+    ``lengths[i]`` frames, as extraction selects them (``select_frames``), padding zero; without
+    a policy every video fills T_cap and records T_cap source frames.
+    """
+    lay = store.layout
+    n, t, d = lay.n_videos, lay.t_cap, lay.feature_dim
+    span = max(1, span_videos // lay.chunk_videos) * lay.chunk_videos
+    lengths = np.full(n, t, np.int32) if lengths is None else np.asarray(lengths, np.int32)
+    fps = np.zeros(n, np.float32) if fps is None else np.asarray(fps, np.float32)
+    for start in range(0, n, span):
+        stop = min(start + span, n)
+        b = stop - start
+        index = np.tile(np.arange(t, dtype=np.int32), (b, 1))
+        if policy is not None:
+            index.fill(-1)
+            for i, length in enumerate(lengths[start:stop]):
+                picked = select_frames(policy, int(length))
+                index[i, : len(picked)] = picked
+        features = rng.standard_normal((b, t, d), dtype=np.float32).astype(np.float16)
+        features[index < 0] = 0  # padding slots hold zeros, as in an extracted store
+        store.write_block(
+            start,
+            stop,
+            features={view: features for view in lay.views},
+            layers={},
+            frame_index=index,
+            n_frames=(index >= 0).sum(1).astype(np.int32),
+            status=np.ones(b, np.uint8),
+            errors=[""] * b,
+            source_length=lengths[start:stop],
+            fps=fps[start:stop],
+        )
+
+
+def write_random_text(store: FeatureStore, rng: np.random.Generator) -> None:
+    """Random class text: per prompt float32 [C, P, D], and their mean as the class text."""
+    lay = store.layout
+    shape = (lay.n_classes, lay.n_prompts, lay.feature_dim)
+    per_prompt = rng.standard_normal(shape).astype(np.float32)
     store.write_classes(per_prompt.mean(1), per_prompt)
 
 
