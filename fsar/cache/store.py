@@ -342,6 +342,8 @@ class FeatureStore:
                 f"video indices must lie in 0..{n - 1}; got min {idx.min()}, max {idx.max()}"
             )
         rows, inverse = np.unique(idx, return_inverse=True)
+        if np.array_equal(rows, idx):  # sorted and unique (every bank load): no reordering copy
+            return self._arrays.read(name, rows)
         return self._arrays.read(name, rows)[inverse]
 
     def read_features(self, view: str = "center", indices: Any = None) -> np.ndarray:
