@@ -55,8 +55,9 @@ class Dropout(nn.Dropout):
         if not self.training or x.device.type != "cpu" or not 0 < dropped < 65536:
             return F.dropout(x, self.p, self.training, self.inplace)
         n = x.numel()
-        words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device)
-        uniform16 = words.random_(-(2**63), 2**63 - 1).view(torch.int16)[:n].view(x.shape)
+        # randint = empty + random_, but out of place: torch.compile traces it
+        words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), device=x.device)
+        uniform16 = words.view(torch.int16)[:n].view(x.shape)
         keep = uniform16 >= dropped - 32768  # int16 covers -32768..32767
         return x * (keep * (65536 / (65536 - dropped))).to(x.dtype)
 
