@@ -146,13 +146,15 @@ def _otam_sweep_backward(grad_out: Tensor, neg_cost: Tensor, skew: Tensor) -> Te
     # d result / d dists[p, l, j] = grad of cell (l, j+1), stored at grad[l + j + 1, l, p]
     plane = rows * pairs
     grad_dists = grad.as_strided((pairs, rows, width - 2), (1, plane + pairs, plane), plane)
-    return grad_dists.reshape(*grad_out.shape, rows, width - 2)
+    # a fresh contiguous tensor, as the operator's fake kernel tells the compiler
+    grad_dists = grad_dists.reshape(*grad_out.shape, rows, width - 2)
+    return grad_dists.clone(memory_format=torch.contiguous_format)
 
 
 @_otam_sweep_backward.register_fake
 def _(grad_out: Tensor, neg_cost: Tensor, skew: Tensor) -> Tensor:
     n_diag, slots, _ = neg_cost.shape
-    return grad_out.new_empty(*grad_out.shape, slots - 1, n_diag - slots + 1)
+    return grad_out.new_empty(*grad_out.shape, slots - 1, n_diag - slots)  # cols = K - rows - 1
 
 
 def _save_sweep(ctx, inputs: tuple, output: tuple) -> None:

@@ -34,6 +34,7 @@ from fsar.heads.registry import head_spec
 from fsar.interrupts import stop_on_signals
 from fsar.pipelines.build import aux_weights, build_head, episode_tensors
 from fsar.pipelines.checkpoint import encoder_recipe
+from fsar.pipelines.compiled import step_head
 from fsar.pipelines.episodes import (
     EpisodeSampler,
     EpisodeShape,
@@ -144,6 +145,7 @@ def train_heads(config: Config, progress: bool = True) -> TrainResult:
         else nullcontext()
     )
     micro_batches = tr.tasks_per_batch // tr.episode_batch
+    model = step_head(head, tr.compile)  # the head, or its compiled step (train.compile)
     saver = Saver(out, head, optimizer, generator, record, state, payload is not None)
     show = progress and optimizer is not None  # a head without parameters has nothing to train
     bar = tqdm(total=steps, initial=state.step, unit="step", desc=f"train {config.head.name}",
@@ -163,7 +165,7 @@ def train_heads(config: Config, progress: bool = True) -> TrainResult:
                     train_classes,
                 )  # fmt: skip
                 with autocast:
-                    output = head(
+                    output = model(
                         batch.support,
                         batch.support_labels,
                         batch.query,
@@ -203,12 +205,12 @@ def train_heads(config: Config, progress: bool = True) -> TrainResult:
             if state.step % tr.log_every == 0:
                 logger.log("train", metrics)
             if state.step % tr.val_every == 0 or state.step == steps:
-                validate_and_save(head, select, state, logger, config, saver)
+                validate_and_save(model, select, state, logger, config, saver)
             if stop.requested:  # the safe point: the step is done, its state goes to last.pt
                 saver.last()
                 stop.check(f"kept: {kept_files(out)}")
     if steps == 0 and not (out / "best.pt").exists():  # nothing to train: score it once
-        validate_and_save(head, select, state, logger, config, saver)
+        validate_and_save(model, select, state, logger, config, saver)
     logger.close()
     return TrainResult(
         out, state.step, state.best_step, state.best_accuracy, state.history, state.resumed_from
