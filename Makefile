@@ -89,6 +89,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/extract.py --out benchmarks/results/extract.json
 	$(PY) benchmarks/heads.py --out benchmarks/results/heads.json
+	$(PY) benchmarks/compile.py --out benchmarks/results/compile.json
 	$(PY) benchmarks/pipeline.py --out benchmarks/results/pipeline.json
 	$(PY) benchmarks/pipeline.py --widths vitb16 --out benchmarks/results/pipeline_vitb16_widths.json
 	$(PY) benchmarks/pipeline.py --head clipfsar --set head.dim_head=8 --fsar-episodes 4096 \

@@ -213,7 +213,7 @@ def bench_cpu_kernels(rounds: int) -> dict:
 
         return run
 
-    def forward_only(fn, *shapes):  # the sweep's log-add-exp runs inside autograd.Function
+    def forward_only(fn, *shapes):  # the log-add-exp runs inside the sweep operator
         inputs = [torch.randn(shape) for shape in shapes]
 
         def run():

@@ -41,6 +41,7 @@ from fsar.devices import resolve_device
 from fsar.extract.encoders import TINY_MODELS, EncoderSpec, build_encoder
 from fsar.extract.runner import run_extraction
 from fsar.heads import episode_loss
+from fsar.heads.registry import head_config as registered_config
 from fsar.pipelines.build import aux_weights, build_head
 from fsar.pipelines.checkpoint import load_checkpoint
 from fsar.pipelines.episodes import EpisodeIndex, EpisodeSampler, EpisodeShape, fixed_episodes
@@ -348,7 +349,7 @@ def main() -> None:
         load["after_training"] = os.getloadavg()
         trained = build_head(config.head, bank.feature_dim, {})
         trained.load_state_dict(load_checkpoint(work / f"run{args.rounds - 1}/last.pt")["head"])
-        release = HeadConfig()  # release sizes: heads 8, dim_head 256, mlp/prompt 2048
+        release = registered_config("clipspm")  # release sizes: 8 x 256, MLP/prompt 2048
         torch.manual_seed(config.train.seed)
         heads = {"benchmarked_head": (trained, config.head)}
         heads["release_size_clipspm"] = (build_head(release, bank.feature_dim, {}), release)

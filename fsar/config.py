@@ -217,6 +217,12 @@ class TrainConfig:
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     bf16: bool = _f(True, "bf16 autocast on GPU (ignored on CPU)")
     resume: bool = _f(True, "continue from out/last.pt when it exists")
+    compile: bool = _f(
+        False,
+        "run the head's training and validation steps under torch.compile (inductor: needs a "
+        "C++ compiler on CPU; compiles once per run, then faster steps; same numbers to float "
+        "rounding)",
+    )
 
 
 @dataclass

@@ -462,6 +462,7 @@ def test_one_resume_check_lists_the_keys_of_train_and_finetune():
         "dataset__root": "/elsewhere",
         "train__device": "cuda:1",
         "train__log_every": 1,
+        "train__compile": True,
         "eval__episodes": 7,
         "eval__split": "val",
     }

@@ -55,8 +55,9 @@ class Dropout(nn.Dropout):
         if not self.training or x.device.type != "cpu" or not 0 < dropped < 65536:
             return F.dropout(x, self.p, self.training, self.inplace)
         n = x.numel()
-        words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device)
-        uniform16 = words.random_(-(2**63), 2**63 - 1).view(torch.int16)[:n].view(x.shape)
+        # randint = empty + random_, but out of place: torch.compile traces it
+        words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), device=x.device)
+        uniform16 = words.view(torch.int16)[:n].view(x.shape)
         keep = uniform16 >= dropped - 32768  # int16 covers -32768..32767
         return x * (keep * (65536 / (65536 - dropped))).to(x.dtype)
 
@@ -155,15 +156,18 @@ class TemporalConv(nn.Conv1d):
     """Conv1d dim -> dim along time (kernel 3, padding 1) on frame-last inputs [V, T, dim].
 
     Same parameters and initialisation as `nn.Conv1d`; computed as one matrix product over the
-    unfolded 3-frame windows, which is much faster than a convolution kernel for short clips
-    (T = 8) on CPU, forward and backward.
+    3-frame windows, which is much faster than a convolution kernel for short clips (T = 8) on
+    CPU, forward and backward. The windows are stacked from three shifted slices (the layout
+    `unfold` gives, whose backward is a slow scatter on CPU).
     """
 
     def __init__(self, dim: int):
         super().__init__(dim, dim, kernel_size=3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        windows = F.pad(x, (0, 0, 1, 1)).unfold(1, 3, 1)  # [V, T, D_in, 3]
+        t = x.shape[1]
+        padded = F.pad(x, (0, 0, 1, 1))  # [V, T+2, D_in]
+        windows = torch.stack([padded[:, k : k + t] for k in range(3)], dim=-1)  # [V, T, D_in, 3]
         return F.linear(windows.flatten(2), self.weight.flatten(1), self.bias)  # [V, T, D_out]
 
 

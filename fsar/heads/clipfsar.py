@@ -12,7 +12,7 @@ from fsar.errors import ConfigError
 
 from .blocks import TRANSFORMER_KEYS, TransformerLayer, cos_sim
 from .otam import otam_distance
-from .output import Episode, EpisodeError, FewShotHead, HeadOutput
+from .output import Episode, EpisodeError, FewShotHead, HeadOutput, check_class_ids
 from .spec import BuildContext, HeadConfig, HeadSpec, OfficialKeys, TrainingInputs, option
 
 __all__ = ["CLIPFSARHead", "CLIPFSARConfig", "SPEC"]
@@ -94,10 +94,23 @@ class CLIPFSARHead(FewShotHead):
         if self.fusion_beta is not None and not self.training:
             logits = self.fuse_with_text(distance, episode)
         aux = {}
-        video_text = self._video_text_loss(episode, support_class_ids, query_class_ids, text_table)
-        if video_text is not None:
-            aux["video_text"] = video_text
+        ids = self._class_ids(episode, support_class_ids, query_class_ids, text_table)
+        if ids is not None:
+            videos = torch.cat([episode.support, episode.query], dim=1)  # [B, S+Q, T, D]
+            logits_text = self.video_text_logits(videos, text_table)  # [B, S+Q, C]
+            aux["video_text"] = F.cross_entropy(logits_text.flatten(0, 1), ids.flatten())
         return HeadOutput(logits, aux)
+
+    def check_inputs(
+        self,
+        episode: Episode,
+        support_class_ids: Tensor | None = None,
+        query_class_ids: Tensor | None = None,
+        text_table: Tensor | None = None,
+    ) -> None:
+        ids = self._class_ids(episode, support_class_ids, query_class_ids, text_table)
+        if ids is not None:
+            check_class_ids(ids, text_table.shape[0], "rows of text_table")
 
     def fuse_with_text(self, distance: Tensor, episode: Episode) -> Tensor:
         """Release inference fusion of OTAM distances [B,Q,N] with the text probability."""
@@ -108,13 +121,14 @@ class CLIPFSARHead(FewShotHead):
         p_fewshot = torch.softmax((tau - distance) / tau, dim=-1)
         return p_text.pow(self.fusion_beta) * p_fewshot.pow(1.0 - self.fusion_beta)
 
-    def _video_text_loss(
+    def _class_ids(
         self,
         episode: Episode,
         support_class_ids: Tensor | None,
         query_class_ids: Tensor | None,
         text_table: Tensor | None,
     ) -> Tensor | None:
+        """[B, S+Q] text_table row of every video (shapes checked); None without class ids."""
         given = [x is not None for x in (support_class_ids, query_class_ids, text_table)]
         if not any(given):
             return None
@@ -134,14 +148,7 @@ class CLIPFSARHead(FewShotHead):
                 f"text_table must be [C,D={episode.support.shape[-1]}], "
                 f"got {list(text_table.shape)}"
             )
-        ids = torch.cat([support_class_ids, query_class_ids], dim=1).long()  # [B, S+Q]
-        if int(ids.min()) < 0 or int(ids.max()) >= text_table.shape[0]:
-            raise EpisodeError(
-                f"class ids must lie in 0..{text_table.shape[0] - 1} (rows of text_table)"
-            )
-        videos = torch.cat([episode.support, episode.query], dim=1)  # [B, S+Q, T, D]
-        logits = self.video_text_logits(videos, text_table)  # [B, S+Q, C]
-        return F.cross_entropy(logits.flatten(0, 1), ids.flatten())
+        return torch.cat([support_class_ids, query_class_ids], dim=1).long()  # [B, S+Q]
 
 
 @dataclass

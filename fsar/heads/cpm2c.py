@@ -22,7 +22,7 @@ from .blocks import GATE_KEYS, TRANSFORMER_KEYS, TransformerLayer, cos_sim
 from .clipspm_parts import TextVideoFusion, squared_distance
 from .cpm2c_parts import MultiScaleMotion, checked_class_ids, release_only_entries
 from .otam import otam_distance
-from .output import Episode, EpisodeError, FewShotHead, HeadOutput
+from .output import Episode, EpisodeError, FewShotHead, HeadOutput, check_class_ids
 from .spec import (
     LOGITS_TERM,
     BuildContext,
@@ -221,6 +221,17 @@ class CPM2CHead(FewShotHead):
             aux["global"] = _summed_ce(scores.logits_global, episode.query_labels)
             aux["consistency"] = scores.consistency.mean()
         return HeadOutput(logits, aux)
+
+    def check_inputs(
+        self,
+        episode: Episode,
+        support_class_ids: Tensor | None = None,
+        query_class_ids: Tensor | None = None,
+        text_table: Tensor | None = None,
+    ) -> None:
+        ids = checked_class_ids(episode, support_class_ids, query_class_ids, text_table)
+        if ids is not None:
+            check_class_ids(ids, text_table.shape[0], "rows of text_table")
 
 
 def _mean_squared_distance(x: Tensor, y: Tensor) -> Tensor:

@@ -26,7 +26,7 @@ from .hyrsm_parts import (
     position_code,
     temporal_regular_loss,
 )
-from .output import Episode, EpisodeError, FewShotHead, HeadOutput
+from .output import Episode, EpisodeError, FewShotHead, HeadOutput, check_class_ids
 from .spec import BuildContext, HeadConfig, HeadSpec, OfficialKeys, TrainingInputs, option
 
 __all__ = [
@@ -120,7 +120,7 @@ class HyRSMHead(FewShotHead):
     def uses_videos(self, episode: Episode) -> bool:
         """Whether the set members are the support videos (else the class prototypes)."""
         if self.set_members == "auto":
-            return bool((episode.shots == 1).all())
+            return episode.max_shot == 1  # every class has at least one support
         return self.set_members == "videos"
 
     def adapt(self, members: Tensor, query: Tensor) -> tuple[Tensor, Tensor]:
@@ -177,7 +177,7 @@ class HyRSMHead(FewShotHead):
         query_class_ids: Tensor | None,
         text_table: Tensor | None,
     ) -> Tensor | None:
-        """[B, S+Q] training-class index of every video, checked; None without class ids."""
+        """[B, S+Q] training-class index of every video (shapes checked); None without ids."""
         if support_class_ids is None and query_class_ids is None:
             return None
         if support_class_ids is None or query_class_ids is None:
@@ -193,10 +193,18 @@ class HyRSMHead(FewShotHead):
             raise EpisodeError(
                 f"text_table has {text_table.shape[0]} rows but the frame classifier {n} classes"
             )
-        ids = torch.cat([support_class_ids, query_class_ids], dim=1).long()
-        if int(ids.min()) < 0 or int(ids.max()) >= n:
-            raise EpisodeError(f"class ids must lie in 0..{n - 1} (the training classes)")
-        return ids
+        return torch.cat([support_class_ids, query_class_ids], dim=1).long()
+
+    def check_inputs(
+        self,
+        episode: Episode,
+        support_class_ids: Tensor | None = None,
+        query_class_ids: Tensor | None = None,
+        text_table: Tensor | None = None,
+    ) -> None:
+        ids = self._class_ids(episode, support_class_ids, query_class_ids, text_table)
+        n = self.classification_layer.out_features
+        check_class_ids(ids, n, "the training classes")
 
 
 class HyRSMPlusPlusHead(HyRSMHead):

@@ -14,7 +14,6 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .blocks import cos_sim
 
@@ -30,22 +29,16 @@ _EXP_FLOOR = -80.0
 
 
 @functools.lru_cache(maxsize=64)
-def _sweep_masks(
-    rows: int, width: int, device: torch.device, dtype: torch.dtype
-) -> tuple[Tensor, Tensor]:
-    """Masks of the anti-diagonal sweep over a padded [rows, width] grid.
+def _computed_cells(rows: int, width: int, device: torch.device) -> Tensor:
+    """[K, rows, 1] bool over the anti-diagonals of a padded [rows, width] grid: True where the
+    cell follows the recurrence (1 <= m <= width-1).
 
-    Anti-diagonal k = 0..K-1 (K = rows + width - 1) holds the cells (l, m = k - l), l = 0..rows-1.
-    - computed [K, rows, 1] bool: the cell follows the recurrence (1 <= m <= width-1); the
-      others (column 0, and positions outside the grid) hold 0;
-    - up_mask [K, rows, 1]: 0 where the up-move (l-1, m) -> (l, m) exists (m = 1 or
-      m = width-1), -inf elsewhere.
+    Anti-diagonal k = 0..K-1 (K = rows + width - 1) holds the cells (l, m = k - l), l = 0..rows-1;
+    the others (column 0, and positions outside the grid) hold 0.
     """
     k = torch.arange(rows + width - 1)[:, None]
     m = k - torch.arange(rows)[None, :]
-    computed = (m >= 1) & (m <= width - 1)
-    up_mask = torch.where((m == 1) | (m == width - 1), 0.0, float("-inf")).to(dtype)
-    return computed[..., None].to(device), up_mask[..., None].to(device)
+    return ((m >= 1) & (m <= width - 1))[..., None].to(device)
 
 
 def _logaddexp(a: Tensor, b: Tensor) -> Tensor:
@@ -64,75 +57,128 @@ def _up_rows(k: int, rows: int, width: int) -> list[int]:
     return [l for l in (k - 1, k - width + 1) if 1 <= l < rows]
 
 
-class _OTAMOneWay(torch.autograd.Function):
-    """Forward: anti-diagonal sweep. Backward: reverse sweep of the soft-min weights.
+# The sweep is a torch custom operator (forward and backward each one opaque op, the backward
+# registered as its gradient), not a Python autograd.Function: torch.compile then records one
+# call instead of unrolling the Tq + Ts + 1 steps into hundreds of graph nodes, and eager and
+# compiled runs execute the same kernels, so they give the same numbers.
+# Costs are kept negated and in units of lambda (`-C / lam`), so a soft-min is a plain
+# log-sum-exp of the predecessors. Buffers are laid out [anti-diagonal, row, pair] so every step
+# works on contiguous rows of pairs.
 
-    Costs are kept negated and in units of lambda (`-C / lam`), so a soft-min is a plain
-    log-sum-exp of the predecessors. Buffers are laid out [anti-diagonal, row, pair] so every
-    step works on contiguous rows of pairs.
-    """
 
-    @staticmethod
-    def forward(ctx, dists: Tensor, lam: float) -> Tensor:
-        *lead, rows, cols = dists.shape
-        width = cols + 2
-        computed, _ = _sweep_masks(rows, width, dists.device, dists.dtype)
-        n_diag = computed.shape[0]
-        padded = F.pad(dists.reshape(-1, rows, cols), (1, 1)) / lam  # [P, rows, width]
-        pairs = padded.shape[0]
-        # skew[k, l, p] = padded[p, l, k - l]; positions outside the grid read other cells
-        # of the same pair and are never used.
-        skew = padded.as_strided((n_diag, rows, pairs), (1, width - 1, rows * width)).contiguous()
-        neg_cost = dists.new_empty(n_diag, rows + 1, pairs)  # row slot 0 = row -1
-        neg_cost[:, 0] = float("-inf")
-        neg_cost[0, 1:] = 0.0  # anti-diagonal 0: cell (0, 0) = 0; every later one is written below
-        for k in range(1, n_diag):
-            prev2, prev1 = neg_cost[max(k - 2, 0)], neg_cost[k - 1]
-            # diagonal (l-1, m-1) and left (l, m-1) moves; slot l of an anti-diagonal is row l-1
-            soft = _logaddexp(prev2[:-1], prev1[1:])  # [rows, P]
-            for l in _up_rows(k, rows, width):  # the up move (l-1, m), in one or two rows only
-                soft[l] = _logaddexp(soft[l], prev1[l])
-            neg_cost[k, 1:] = torch.where(computed[k], soft.sub_(skew[k]), 0.0)
-        ctx.save_for_backward(neg_cost, skew)
-        ctx.lead = lead
-        return (-lam * neg_cost[n_diag - 1, rows]).reshape(lead)
+@torch.library.custom_op("fsar::otam_sweep", mutates_args=())
+def _otam_sweep(dists: Tensor, lam: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Forward anti-diagonal sweep: dists [..., rows, cols] -> (cost [...], neg_cost, skew).
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None]:
-        neg_cost, skew = ctx.saved_tensors
-        n_diag, slots, pairs = neg_cost.shape
-        rows = slots - 1
-        width = n_diag - rows + 1
-        computed, up_mask = _sweep_masks(rows, width, neg_cost.device, neg_cost.dtype)
-        # Soft-min weight of every cell (anti-diagonals 1..K-1; entry k-1 is anti-diagonal k) on
-        # each predecessor, all at once: exp(pred - logsumexp). Cells that are not computed get
-        # logsumexp = +inf, hence weight 0.
-        soft = torch.where(computed[1:], neg_cost[1:, 1:] + skew[1:], float("inf"))
+    neg_cost [K, rows+1, P] and skew [K, rows, P] (K anti-diagonals, P pairs) are what the
+    backward sweep needs."""
+    *lead, rows, cols = dists.shape
+    width = cols + 2
+    n_diag = rows + width - 1
+    padded = F.pad(dists.reshape(-1, rows, cols), (1, 1)) / lam  # [P, rows, width]
+    pairs = padded.shape[0]
+    # skew[k, l, p] = padded[p, l, k - l]; positions outside the grid read other cells
+    # of the same pair and are never used.
+    skew = padded.as_strided((n_diag, rows, pairs), (1, width - 1, rows * width)).contiguous()
+    # row slot 0 = row -1; cells off the recurrence (column 0: C = 0, and positions outside
+    # the grid) stay 0
+    neg_cost = dists.new_zeros(n_diag, rows + 1, pairs)
+    neg_cost[:, 0] = float("-inf")
+    for k in range(1, n_diag):
+        lo, hi = max(0, k - width + 1), min(rows, k)  # rows l of the cells 1 <= m <= width-1
+        prev2, prev1 = neg_cost[max(k - 2, 0)], neg_cost[k - 1]
+        # diagonal (l-1, m-1) and left (l, m-1) moves; slot l of an anti-diagonal is row l-1
+        soft = _logaddexp(prev2[lo:hi], prev1[lo + 1 : hi + 1])  # rows lo..hi-1: [hi-lo, P]
+        for l in _up_rows(k, rows, width):  # the up move (l-1, m), in one or two rows only
+            soft[l - lo] = _logaddexp(soft[l - lo], prev1[l])
+        torch.sub(soft, skew[k, lo:hi], out=neg_cost[k, lo + 1 : hi + 1])
+    return (-lam * neg_cost[n_diag - 1, rows]).reshape(lead), neg_cost, skew
 
-        def weights(pred: Tensor, lse: Tensor) -> Tensor:
-            z = pred - lse
-            used = z > _EXP_FLOOR  # exactly 0 below the floor: no denormals
-            return z.clamp_min_(_EXP_FLOOR).exp_().mul_(used)  # [*, rows, P]
 
-        # anti-diagonal 1 has no diagonal move (its only computed cell is in row 0)
-        w_diag = weights(neg_cost[:-2, :-1], soft[1:])  # entry k-2 is anti-diagonal k
-        w_left = weights(neg_cost[:-1, 1:], soft)
-        w_up = weights(neg_cost[:-1, :-1], soft - up_mask[1:])  # lse + inf where no up move
-        grad = neg_cost.new_empty(n_diag, rows, pairs)
-        grad[n_diag - 1] = 0.0
-        grad[n_diag - 1, rows - 1] = grad_out.reshape(pairs)
-        for k in range(n_diag - 2, 0, -1):
-            # successors of (l, m): left (l, m+1) and up (l+1, m) on k+1, diagonal (l+1, m+1) on k+2
-            acc = grad[k + 1] * w_left[k]
-            acc[:-1].addcmul_(grad[k + 1, 1:], w_up[k, 1:])
-            if k + 2 < n_diag:
-                acc[:-1].addcmul_(grad[k + 2, 1:], w_diag[k, 1:])
-            grad[k] = acc
-        # d result / d dists[p, l, j] = grad of cell (l, j+1), stored at grad[l + j + 1, l, p]
-        plane = rows * pairs
-        grad_dists = grad.as_strided((pairs, rows, width - 2), (1, plane + pairs, plane), plane)
-        return grad_dists.reshape(*ctx.lead, rows, width - 2), None
+@_otam_sweep.register_fake
+def _(dists: Tensor, lam: float) -> tuple[Tensor, Tensor, Tensor]:
+    *lead, rows, cols = dists.shape
+    n_diag, pairs = rows + cols + 1, dists.numel() // (rows * cols)
+    return (
+        dists.new_empty(lead),
+        dists.new_empty(n_diag, rows + 1, pairs),
+        dists.new_empty(n_diag, rows, pairs),
+    )
+
+
+@torch.library.custom_op("fsar::otam_sweep_backward", mutates_args=())
+def _otam_sweep_backward(grad_out: Tensor, neg_cost: Tensor, skew: Tensor) -> Tensor:
+    """Reverse sweep of the soft-min weights: grad of cost [...] -> grad of dists [..., rows,
+    cols]."""
+    n_diag, slots, pairs = neg_cost.shape
+    rows = slots - 1
+    width = n_diag - rows + 1
+    computed = _computed_cells(rows, width, neg_cost.device)
+    # Soft-min weight of every cell (anti-diagonals 1..K-1; entry k-1 is anti-diagonal k) on
+    # each predecessor, all at once: exp(pred - logsumexp). Cells that are not computed get
+    # logsumexp = +inf, hence weight 0.
+    soft = torch.where(computed[1:], neg_cost[1:, 1:] + skew[1:], float("inf"))
+
+    def weights(pred: Tensor, lse: Tensor) -> Tensor:
+        z = pred - lse
+        unused = (z > _EXP_FLOOR).logical_not_()  # exactly 0 below the floor: no denormals
+        return z.clamp_min_(_EXP_FLOOR).exp_().masked_fill_(unused, 0.0)  # [*, rows, P]
+
+    # anti-diagonal 1 has no diagonal move (its only computed cell is in row 0)
+    w_diag = weights(neg_cost[:-2, :-1], soft[1:])  # entry k-2 is anti-diagonal k
+    w_left = weights(neg_cost[:-1, 1:], soft)
+
+    # Up moves exist into columns m = 1 and m = width-1 only: the weight of cell (l, m) on its
+    # up predecessor, l = 1..rows-1, reads neg_cost[k-1, slot l] and soft[k-1, row l] with
+    # k = l + m, i.e. one diagonal line of each buffer.
+    def line(buffer: Tensor, m: int) -> Tensor:  # buffer[l + m - 1, l] for l = 1..rows-1
+        step = buffer.stride(0) + buffer.stride(1)
+        start = buffer.storage_offset() + (m - 1) * buffer.stride(0) + step
+        return buffer.as_strided((rows - 1, pairs), (step, 1), start)
+
+    w_up = {m: weights(line(neg_cost, m), line(soft, m)) for m in {1, width - 1}}  # [rows-1, P]
+    grad = neg_cost.new_empty(n_diag, rows, pairs)
+    grad[n_diag - 1] = 0.0
+    grad[n_diag - 1, rows - 1] = grad_out.reshape(pairs)
+    for k in range(n_diag - 2, 0, -1):
+        # successors of (l, m): left (l, m+1) and up (l+1, m) on k+1, diagonal (l+1, m+1) on k+2
+        acc = grad[k + 1] * w_left[k]
+        for m in (1, width - 1):  # the up successors (l+1, m), l+1 = k+1-m
+            if 1 <= k + 1 - m < rows:
+                acc[k - m].addcmul_(grad[k + 1, k + 1 - m], w_up[m][k - m])
+        if k + 2 < n_diag:
+            acc[:-1].addcmul_(grad[k + 2, 1:], w_diag[k, 1:])
+        grad[k] = acc
+    # d result / d dists[p, l, j] = grad of cell (l, j+1), stored at grad[l + j + 1, l, p]
+    plane = rows * pairs
+    grad_dists = grad.as_strided((pairs, rows, width - 2), (1, plane + pairs, plane), plane)
+    # a fresh contiguous tensor, as the operator's fake kernel tells the compiler
+    grad_dists = grad_dists.reshape(*grad_out.shape, rows, width - 2)
+    return grad_dists.clone(memory_format=torch.contiguous_format)
+
+
+@_otam_sweep_backward.register_fake
+def _(grad_out: Tensor, neg_cost: Tensor, skew: Tensor) -> Tensor:
+    n_diag, slots, _ = neg_cost.shape
+    return grad_out.new_empty(*grad_out.shape, slots - 1, n_diag - slots)  # cols = K - rows - 1
+
+
+def _save_sweep(ctx, inputs: tuple, output: tuple) -> None:
+    # the buffers are outputs only so that they can be saved: no gradient flows into them, and
+    # none is materialised for them
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(output[1], output[2])
+
+
+def _sweep_grad(ctx, grad_cost: Tensor | None, *_buffers) -> tuple[Tensor | None, None]:
+    if grad_cost is None:
+        return None, None
+    neg_cost, skew = ctx.saved_tensors
+    return torch.ops.fsar.otam_sweep_backward(grad_cost.contiguous(), neg_cost, skew), None
+
+
+_otam_sweep.register_autograd(_sweep_grad, setup_context=_save_sweep)
 
 
 def otam_one_way(dists: Tensor, lam: float = OTAM_LAMBDA) -> Tensor:
@@ -142,7 +188,7 @@ def otam_one_way(dists: Tensor, lam: float = OTAM_LAMBDA) -> Tensor:
     `softmin(a, ...) = -lam * log sum exp(-a / lam)`; the result is `C[Tq-1, Ts+1]`.
     Differentiable once (an analytic backward sweep); not twice.
     """
-    return _OTAMOneWay.apply(dists, lam)
+    return torch.ops.fsar.otam_sweep(dists, float(lam))[0]
 
 
 def otam_bidirectional(dists: Tensor, lam: float = OTAM_LAMBDA) -> Tensor:

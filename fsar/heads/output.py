@@ -7,6 +7,9 @@ All heads share one calling convention::
 
 `Episode.checked` validates those tensors once and carries the derived quantities (number of
 classes N, per-class support weights) that the heads need, so each head only does its own maths.
+`FewShotHead.episode` runs every check that reads tensor values (label and id ranges, shot
+counts) and `FewShotHead.compute` is pure tensor maths on the checked episode: `torch.compile`
+traces `compute` without graph breaks (`fsar.pipelines.compiled`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["HeadOutput", "Episode", "EpisodeError", "FewShotHead", "episode_loss"]
+__all__ = [
+    "HeadOutput",
+    "Episode",
+    "EpisodeError",
+    "FewShotHead",
+    "episode_loss",
+    "check_class_ids",
+]
 
 
 class EpisodeError(ValueError):
@@ -76,6 +86,14 @@ def _check_labels(name: str, labels: Tensor, n_way: int) -> None:
         )
 
 
+def check_class_ids(ids: Tensor | None, rows: int, what: str) -> None:
+    """Raise EpisodeError unless every class id lies in 0..rows-1 (`what` names the rows)."""
+    if ids is not None and ids.numel():
+        low, high = (int(v) for v in torch.stack(torch.aminmax(ids)).tolist())
+        if low < 0 or high >= rows:
+            raise EpisodeError(f"class ids must lie in 0..{rows - 1} ({what}), got {low}..{high}")
+
+
 @dataclass
 class Episode:
     """A checked batch of B episodes (shapes in the field comments)."""
@@ -87,6 +105,7 @@ class Episode:
     query_labels: Tensor | None  # [B, Q] int64 in 0..N-1, training only
     shots: Tensor  # [B, N] number of supports of each class (all >= 1)
     class_weights: Tensor  # [B, N, S] = one_hot(labels)^T / shots: class_weights @ x = class means
+    max_shot: int  # largest shot count: a Python int, so that shapes built from it are static
 
     @property
     def n_way(self) -> int:
@@ -163,7 +182,10 @@ class Episode:
         support_labels = support_labels.long()
         one_hot = F.one_hot(support_labels, n_way).transpose(1, 2).to(support.dtype)  # [B, N, S]
         shots = one_hot.sum(-1)  # [B, N]
-        if bool((shots == 0).any()):
+        fewest, most = 1, 0  # no episodes
+        if shots.numel():
+            fewest, most = (int(v) for v in torch.stack(torch.aminmax(shots)).tolist())
+        if fewest == 0:
             ep, cls_ = (shots == 0).nonzero()[0].tolist()
             raise EpisodeError(
                 f"class {cls_} of episode {ep} has no support video; every label 0..{n_way - 1} "
@@ -177,6 +199,7 @@ class Episode:
             query_labels,
             shots,
             one_hot / shots[..., None],
+            most,
         )
         if require_equal_shots and not episode.equal_shots:
             raise EpisodeError(
@@ -195,7 +218,10 @@ class FewShotHead(nn.Module):
     """Base of all heads: checks the episode, then hands it to `compute`.
 
     Subclasses implement `compute(episode, **head_specific) -> HeadOutput` and set
-    `require_equal_shots` when their maths needs K supports in every class.
+    `require_equal_shots` when their maths needs K supports in every class. Checks of their
+    own inputs that read tensor values (index ranges) go in `check_inputs`, so that `compute`
+    reads no tensor value into Python (shape checks may stay in `compute`: they cost nothing
+    under `torch.compile`).
     """
 
     require_equal_shots: bool = False
@@ -209,6 +235,21 @@ class FewShotHead(nn.Module):
         query_labels: Tensor | None = None,
         **head_specific: Tensor,
     ) -> HeadOutput:
+        episode = self.episode(
+            support, support_labels, query, class_text, query_labels, **head_specific
+        )
+        return self.compute(episode, **head_specific)
+
+    def episode(
+        self,
+        support: Tensor,
+        support_labels: Tensor,
+        query: Tensor,
+        class_text: Tensor,
+        query_labels: Tensor | None = None,
+        **head_specific: Tensor,
+    ) -> Episode:
+        """The checked episode of `forward`'s inputs (every check that reads tensor values)."""
         episode = Episode.checked(
             support,
             support_labels,
@@ -217,7 +258,11 @@ class FewShotHead(nn.Module):
             query_labels,
             require_equal_shots=self.require_equal_shots,
         )
-        return self.compute(episode, **head_specific)
+        self.check_inputs(episode, **head_specific)
+        return episode
+
+    def check_inputs(self, episode: Episode, **head_specific: Tensor) -> None:
+        """Value checks of the head-specific inputs (none by default); raise EpisodeError."""
 
     def compute(self, episode: Episode) -> HeadOutput:  # pragma: no cover - abstract
         raise NotImplementedError

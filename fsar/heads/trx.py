@@ -46,13 +46,12 @@ def position_code(length: int, dim: int, scale: float, dtype: torch.dtype, devic
     return code
 
 
-def class_slots(labels: Tensor, shots: Tensor) -> tuple[Tensor, Tensor]:
-    """Supports regrouped by class, padded to the largest shot K.
+def class_slots(labels: Tensor, shots: Tensor, k_max: int) -> tuple[Tensor, Tensor]:
+    """Supports regrouped by class, padded to the largest shot K = k_max (= shots.max()).
 
     labels [B, S], shots [B, N] -> index [B, N, K] (support indices, padding repeats a valid
     index) and valid [B, N, K] (False on padding).
     """
-    k_max = int(shots.max())
     order = torch.argsort(labels, dim=1, stable=True)  # [B, S], class by class
     starts = torch.cumsum(shots, 1) - shots  # [B, N] first sorted position of each class
     rank = torch.arange(k_max, device=labels.device)
@@ -175,7 +174,7 @@ class TRXHead(FewShotHead):
         if self.max_len is not None and t > self.max_len:
             raise EpisodeError(f"T={t} frames exceed the position table (max_len={self.max_len})")
         code = position_code(t, d, self.position_scale, episode.support.dtype, episode.query.device)
-        index, valid = class_slots(episode.support_labels, episode.shots.long())
+        index, valid = class_slots(episode.support_labels, episode.shots.long(), episode.max_shot)
         logits = {}
         for k, transformer in zip(self.temporal_set, self.transformers, strict=True):
             support = self.dropout(episode.support + code)

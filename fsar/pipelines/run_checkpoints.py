@@ -62,6 +62,7 @@ FREE_KEYS = frozenset(
         "config.train.device",
         "config.train.resume",
         "config.train.log_every",
+        "config.train.compile",  # same numbers to float rounding (fsar.pipelines.compiled)
         "config.train.steps",
         "config.dataset.root",  # the videos themselves are compared by their counts and episodes
         "config.dataset.splits_dir",

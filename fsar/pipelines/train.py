@@ -24,6 +24,7 @@ from fsar.devices import autocast_for, resolve_device
 from fsar.heads import episode_loss
 from fsar.pipelines.build import aux_weights, build_head, episode_tensors, training_inputs
 from fsar.pipelines.checkpoint import encoder_recipe
+from fsar.pipelines.compiled import step_head
 from fsar.pipelines.episodes import train_positions
 from fsar.pipelines.evaluate import EvalSetup, evaluate_episodes
 from fsar.pipelines.frame_plan import (
@@ -80,6 +81,7 @@ def train_heads(config: Config, progress: bool = True) -> TrainResult:
     head = build_head(
         config.head, train_bank.feature_dim, train_bank.layer_dims, len(train_classes)
     ).to(device)
+    model = step_head(head, config.train.compile)  # the head, or its compiled step
     params = [p for p in head.parameters() if p.requires_grad]
     optimizer = (
         torch.optim.Adam(params, lr=tr.lr, betas=tuple(tr.betas), weight_decay=tr.weight_decay)
@@ -116,7 +118,7 @@ def train_heads(config: Config, progress: bool = True) -> TrainResult:
             train_bank, episodes, positions, views.to(device), config.head, True, train_classes
         )
         with autocast_for(device, tr.bf16):
-            output = head(
+            output = model(
                 batch.support,
                 batch.support_labels,
                 batch.query,
@@ -135,7 +137,7 @@ def train_heads(config: Config, progress: bool = True) -> TrainResult:
         optimizer,
         tr.tasks_per_batch // tr.episode_batch,
         micro_batch,
-        lambda: evaluate_episodes(head, select, config.head, config.eval.episode_batch),
+        lambda: evaluate_episodes(model, select, config.head, config.eval.episode_batch),
         state_dicts,
         record,
         lower=f"train.lr (now {tr.lr})",
