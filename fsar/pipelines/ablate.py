@@ -21,6 +21,7 @@ from fsar.pipelines.jobs import (
     Job,
     JobsError,
     job_config,
+    make_plan,
     paired,
     pending,
     read_plan,
@@ -71,7 +72,8 @@ def run_ablation(config: Config, progress: bool = True) -> Path | None:
     out = Path(config.ablate.out)
     jobs = ablation_jobs(config)
     info = {"keys": list(config.ablate.grid), "seeds": config.ablate.seeds}
-    plan = write_plan(out, "ablate", jobs, info)
+    plan = make_plan("ablate", jobs, info)
+    write_plan(out, plan)
     schedule = Schedule.of(config.ablate)
     todo, finished = pending(out, plan, my_share(jobs, schedule.shard))
     if finished and progress:

@@ -232,10 +232,10 @@ def matches(record: dict[str, Any] | None, identity: dict[str, Any]) -> bool:
 # -- plans -------------------------------------------------------------------------------------
 
 
-def write_plan(out: Path, command: str, jobs: list[Job], info: dict[str, Any]) -> dict:
-    """``out/plan.json``: the jobs of a set (in table order) and what each must match."""
+def make_plan(command: str, jobs: list[Job], info: dict[str, Any]) -> dict[str, Any]:
+    """The jobs of a set (in table order) and what each one's ``job.json`` must match."""
     cache: dict[str, str] = {}
-    plan = {
+    return {
         "kind": PLAN_KIND,
         "command": command,
         "info": info,
@@ -250,8 +250,11 @@ def write_plan(out: Path, command: str, jobs: list[Job], info: dict[str, Any]) -
             for job in jobs
         ],
     }
+
+
+def write_plan(out: Path, plan: dict[str, Any]) -> None:
+    """``out/plan.json`` (every shard writes the same one)."""
     write_atomic(out / PLAN_FILE, json.dumps(plan, indent=1) + "\n")
-    return plan
 
 
 def read_plan(out: Path, command: str) -> dict[str, Any]:
@@ -271,7 +274,7 @@ def read_plan(out: Path, command: str) -> dict[str, Any]:
 
 
 def pending(out: Path, plan: dict[str, Any], jobs: list[Job]) -> tuple[list[Job], int]:
-    """The jobs whose ``job.json`` does not match the plan, and how many do."""
+    """The ``jobs`` (of ``plan``) whose ``job.json`` does not match the plan, and how many do."""
     entries = {entry["name"]: entry for entry in plan["jobs"]}
     todo = [
         job

@@ -36,6 +36,7 @@ from fsar.pipelines.jobs import (
     GroupSummary,
     Job,
     job_config,
+    make_plan,
     pending,
     read_plan,
     read_results,
@@ -158,7 +159,8 @@ def run_sweep(sweep: SweepConfig, progress: bool = True) -> Path | None:
     result, write results/ and report/ and return report.md (None while shards are missing)."""
     out = Path(sweep.out)
     jobs = sweep_jobs(sweep)
-    plan = write_plan(out, "sweep", jobs, {"published": _published_path(sweep.published)})
+    plan = make_plan("sweep", jobs, {"published": _published_path(sweep.published)})
+    write_plan(out, plan)
     schedule = Schedule.of(sweep)
     todo, finished = pending(out, plan, my_share(jobs, schedule.shard))
     if finished and progress:
