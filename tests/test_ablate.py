@@ -72,7 +72,9 @@ def ablate_args(store: Path, out: Path, *extra: str, grid: list[str] = GRID) -> 
 def reference(store, tmp_path_factory) -> Path:
     """The grid run one point after another in this process."""
     out = tmp_path_factory.mktemp("reference") / "grid"
+    threads = torch.get_num_threads()
     assert main(ablate_args(store, out)) == 0
+    assert torch.get_num_threads() == threads  # each run's count is set for it, then restored
     return out
 
 
@@ -347,3 +349,25 @@ def test_a_sweep_names_the_config_files_it_misses(store, tmp_path, capsys):
     assert main(["sweep", str(sweep)]) == 2
     err = capsys.readouterr().err
     assert "1 config file(s) named by the sweep do not exist" in err and "trx.yaml" in err
+
+
+def test_the_shipped_paper_sweep_composes_every_cell_from_its_files(monkeypatch):
+    from fsar.pipelines.sweep import load_sweep, sweep_jobs
+
+    monkeypatch.chdir(REPO)  # its paths are relative to the repository root
+    jobs = sweep_jobs(load_sweep(REPO / "configs" / "sweeps" / "paper_tables.yaml"))
+    assert len(jobs) == 5 * 2 * 2 * 3 and len({job.group for job in jobs}) == len(jobs)
+    for job in jobs:
+        labels, config = job.labels, job.config
+        assert config.head.name == labels["method"]
+        assert config.protocol.preset == f"{labels['method']}_release"
+        assert (config.dataset.name, config.model.name) == (labels["dataset"], labels["backbone"])
+        assert config.episodes.shot == labels["shot"] and config.episodes.way == 5
+        assert config.eval.episodes == 10000
+        fsar_ucf_5shot = job.group.startswith("ucf101_") and job.group.endswith("clipfsar_5shot")
+        assert config.extract.mean == ([0.45] * 3 if fsar_ucf_5shot else None)
+        assert config.train.store == (
+            f"stores/ucf101_{labels['backbone']}_clipfsar_release_5shot.zarr"
+            if fsar_ucf_5shot
+            else f"stores/{labels['dataset']}_{labels['backbone']}_{labels['method']}_release.zarr"
+        )

@@ -63,6 +63,11 @@ class SweepConfig(RunsConfig):
     store: str | None = _f(
         None, "feature store path pattern: {dataset}, {backbone}, {method}, {shot} are filled in"
     )
+    stores: dict[str, str] = _f(
+        {},
+        "cells whose store is not the pattern's: {dataset}_{backbone}_{method}_{K}shot -> path "
+        "(e.g. a cell whose experiment file changes the pixel normalisation)",
+    )
     config: list[str] = _f(
         [],
         "config file patterns (same fields) composed in order after the dataset and model files, "
@@ -118,15 +123,16 @@ def sweep_jobs(sweep: SweepConfig) -> list[Job]:
         if absent:
             missing += absent
             continue
+        cell = cell_name(fields)
+        store = sweep.stores.get(cell) or _fill(sweep.store, fields, "store")
         settings = [
             f"head.name={fields['method']}",
             *sweep.overrides,
             f"dataset.name={fields['dataset']}",
             f"model.name={fields['backbone']}",
             f"episodes.shot={fields['shot']}",
-            f"train.store={_fill(sweep.store, fields, 'store')}",
+            f"train.store={store}",
         ]
-        cell = cell_name(fields)
         try:
             base = load_config(files, settings)
             for seed in range(base.train.seed, base.train.seed + sweep.seeds):
@@ -136,6 +142,9 @@ def sweep_jobs(sweep: SweepConfig) -> list[Job]:
                 jobs.append(Job(name, cell, fields, seed, config))
         except ConfigError as err:
             raise ConfigError(f"sweep cell {cell}: {err}") from err
+    unknown = sorted(set(sweep.stores) - {job.group for job in jobs})
+    if unknown and not missing:
+        raise ConfigError(f"stores names cells the sweep does not have: {', '.join(unknown)}")
     if missing:
         shown = ", ".join(sorted(set(missing))[:4])
         raise ConfigError(
