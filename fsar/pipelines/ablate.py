@@ -72,10 +72,11 @@ def run_ablation(config: Config, progress: bool = True) -> Path | None:
     out = Path(config.ablate.out)
     jobs = ablation_jobs(config)
     info = {"keys": list(config.ablate.grid), "seeds": config.ablate.seeds}
-    plan = make_plan("ablate", jobs, info)
-    write_plan(out, plan)
     schedule = Schedule.of(config.ablate)
-    todo, finished = pending(out, plan, my_share(jobs, schedule.shard))
+    mine = my_share(jobs, schedule.shard)
+    plan = make_plan("ablate", jobs, info, local=mine)
+    write_plan(out, plan)
+    todo, finished = pending(out, plan, mine)
     if finished and progress:
         print(f"ablate: {finished} run(s) already finished in {out}: skipped")
     run_jobs(todo, schedule, "ablate", progress)
@@ -91,6 +92,8 @@ def collect_ablation(out: Path) -> Path:
     records = read_results(out, plan)
     if len({r["result"]["episodes_sha256"] for r in records}) != 1:
         raise JobsError(f"the grid points in {out} were scored on different episode lists")
+    if len({json.dumps(r["stores"], sort_keys=True) for r in records}) != 1:
+        raise JobsError(f"the grid points in {out} were trained or scored on different stores")
     return write_tables(plan, records, out)
 
 

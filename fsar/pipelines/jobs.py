@@ -112,9 +112,11 @@ def store_fingerprints(config: Config, cache: dict[str, str]) -> dict[str, str]:
     return found
 
 
-def job_identity(job: Job, cache: dict[str, str]) -> dict[str, Any]:
-    """What a finished job's ``job.json`` must match to stand for ``job``."""
-    return {"settings": job_settings(job.config), "stores": store_fingerprints(job.config, cache)}
+def job_identity(job: Job, cache: dict[str, str] | None) -> dict[str, Any]:
+    """What a finished job's ``job.json`` must match to stand for ``job``: its settings, and its
+    stores' fingerprints unless ``cache`` is None (the stores are not on this machine)."""
+    stores = store_fingerprints(job.config, cache) if cache is not None else None
+    return {"settings": job_settings(job.config), "stores": stores}
 
 
 def run_job(job: Job, threads: int, device: str | None, progress: bool) -> JobReport:
@@ -141,8 +143,8 @@ def run_job(job: Job, threads: int, device: str | None, progress: bool) -> JobRe
     torch.set_num_threads(threads)
     try:
         with stop_on_signals() as stop:
-            stop.check()
             trained = train_heads(config, progress=progress)
+            # a signal before training installed its handler, or after its last step
             stop.check("trained, not yet evaluated")
             result, outcome = run_evaluation(
                 config, checkpoint=str(trained.out / "best.pt"), progress=progress
@@ -210,8 +212,10 @@ def read_job(path: Path) -> dict[str, Any] | None:
 
 
 def differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
-    """``key old -> new`` for each setting or store where a job.json differs from the plan."""
-    old, new = _identity_items(saved), _identity_items(wanted)
+    """``key old -> new`` for each setting or store where a job.json differs from the plan
+    (stores only where the plan knows them)."""
+    stores = wanted["stores"] is not None
+    old, new = _identity_items(saved, stores), _identity_items(wanted, stores)
     unset = "<unset>"
     return [
         f"{key} {old.get(key, unset)!r} -> {new.get(key, unset)!r}"
@@ -220,9 +224,9 @@ def differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     ]
 
 
-def _identity_items(identity: dict[str, Any]) -> dict[str, Any]:
-    stores = {f"{role} store fingerprint": fp for role, fp in identity["stores"].items()}
-    return {**identity["settings"], **stores}
+def _identity_items(identity: dict[str, Any], stores: bool) -> dict[str, Any]:
+    prints = identity["stores"].items() if stores else ()
+    return {**identity["settings"], **{f"{role} store fingerprint": fp for role, fp in prints}}
 
 
 def matches(record: dict[str, Any] | None, identity: dict[str, Any]) -> bool:
@@ -232,9 +236,15 @@ def matches(record: dict[str, Any] | None, identity: dict[str, Any]) -> bool:
 # -- plans -------------------------------------------------------------------------------------
 
 
-def make_plan(command: str, jobs: list[Job], info: dict[str, Any]) -> dict[str, Any]:
-    """The jobs of a set (in table order) and what each one's ``job.json`` must match."""
+def make_plan(
+    command: str, jobs: list[Job], info: dict[str, Any], local: list[Job] | None = None
+) -> dict[str, Any]:
+    """The jobs of a set (in table order) and what each one's ``job.json`` must match.
+
+    Store fingerprints are read for the ``local`` jobs only (default: all), the ones this
+    machine runs: a shard's node may hold only its own jobs' stores."""
     cache: dict[str, str] = {}
+    here = {job.name for job in (jobs if local is None else local)}
     return {
         "kind": PLAN_KIND,
         "command": command,
@@ -245,7 +255,7 @@ def make_plan(command: str, jobs: list[Job], info: dict[str, Any]) -> dict[str, 
                 "group": job.group,
                 "labels": job.labels,
                 "seed": job.seed,
-                "identity": job_identity(job, cache),
+                "identity": job_identity(job, cache if job.name in here else None),
             }
             for job in jobs
         ],
@@ -364,6 +374,8 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, GroupSummary]:
     for group, runs in grouped.items():
         if len({r["result"]["episodes_sha256"] for r in runs}) > 1:
             raise JobsError(f"the seeds of {group} were scored on different episode lists")
+        if len({json.dumps(r["stores"], sort_keys=True) for r in runs}) > 1:
+            raise JobsError(f"the seeds of {group} were trained or scored on different stores")
     return {
         group: GroupSummary(runs, np.array([r["per_episode"] for r in runs], dtype=np.float64))
         for group, runs in grouped.items()

@@ -7,7 +7,7 @@ must keep it from starting further jobs (Parallel dispatches the next task as on
 the running ones must be told to stop at their next training step.
 
 On a signal, or when a job fails, the parent stops handing out jobs and sends SIGTERM to its
-workers, every second until they answer: each stops training at its next step with ``last.pt``
+workers every POLL_S until they answer: each stops training at its next step with ``last.pt``
 written there (a worker between two jobs ignores the signal), and a rerun resumes it.
 """
 
@@ -17,7 +17,6 @@ import contextlib
 import multiprocessing
 import os
 import signal
-import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -32,7 +31,6 @@ from fsar.interrupts import Interrupted, stop_on_signals
 from fsar.pipelines.jobs import Job, JobReport, run_job
 
 POLL_S = 0.1  # how often the parent looks at its workers and at a stop request
-RESEND_S = 1.0  # how often a stop is sent again to workers that have not answered
 
 
 class JobFailed(FsarError, RuntimeError):
@@ -103,6 +101,12 @@ def _run_in_workers(
     threads = str(schedule.threads)  # also for OpenMP / MKL pools started before torch's call
     env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     workers = min(schedule.jobs, len(jobs))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if progress and cores and workers * schedule.threads > cores:
+        print(
+            f"{label}: note: {workers} jobs x {schedule.threads} thread(s) on {cores} cores: the "
+            "runs compete for cores (same numbers, more time)"
+        )
     others = {p.pid for p in multiprocessing.active_children()}
     queue, running, free = list(jobs), {}, list(range(workers))
     reports: list[JobReport] = []
@@ -111,7 +115,6 @@ def _run_in_workers(
     executor = ProcessPoolExecutor(max_workers=workers, initializer=_ignore_signals, env=env)
     try:
         with stop_on_signals() as stop, bar:
-            last_sent = None
             while True:
                 stopping = stop.requested or any(r.status == "failed" for r in reports)
                 if not running and (stopping or not queue):
@@ -139,10 +142,8 @@ def _run_in_workers(
                     _announce(report, label, tqdm.write)
                     bar.update(1)
                 if (stopping or stop.requested) and running:  # a stop may come in the wait
-                    now = time.monotonic()
-                    if last_sent is None or now - last_sent >= RESEND_S:
-                        _signal_workers(others)
-                        last_sent = now
+                    # again at every poll: a job still being handed over ignores it
+                    _signal_workers(others)
             signum = stop.signum
     except BaseException:  # a second Ctrl-C, a bug: no job is waited for
         executor.shutdown(wait=True, kill_workers=True)

@@ -168,10 +168,11 @@ def run_sweep(sweep: SweepConfig, progress: bool = True) -> Path | None:
     result, write results/ and report/ and return report.md (None while shards are missing)."""
     out = Path(sweep.out)
     jobs = sweep_jobs(sweep)
-    plan = make_plan("sweep", jobs, {"published": _published_path(sweep.published)})
-    write_plan(out, plan)
     schedule = Schedule.of(sweep)
-    todo, finished = pending(out, plan, my_share(jobs, schedule.shard))
+    mine = my_share(jobs, schedule.shard)
+    plan = make_plan("sweep", jobs, {"published": _published_path(sweep.published)}, local=mine)
+    write_plan(out, plan)
+    todo, finished = pending(out, plan, mine)
     if finished and progress:
         print(f"sweep: {finished} run(s) already finished in {out}: skipped")
     run_jobs(todo, schedule, "sweep", progress)
