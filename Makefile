@@ -107,6 +107,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/store_checks.py --out benchmarks/results/store_checks.json
 	$(PY) benchmarks/release_frames.py --out benchmarks/results/release_frames.json
 	$(PY) benchmarks/ablate_jobs.py --out benchmarks/results/ablate_jobs.json
+	$(PY) benchmarks/ablate_jobs.py --heads-only --out benchmarks/results/threads_per_head.json
 
 clean:
 	rm -rf outputs stores .pytest_cache

@@ -129,12 +129,9 @@ def _run_in_workers(
                     free.append(running.pop(future))
                     try:
                         report = future.result()
-                    except BrokenProcessPool as err:
+                    except BrokenProcessPool:
                         if not stopping:
-                            raise JobFailed(
-                                f"a {label} worker process died ({err}); rerun the same command "
-                                "to resume (out of memory? try fewer --jobs)"
-                            ) from err
+                            raise
                         continue  # killed while stopping: its files are whole, a rerun resumes
                     reports.append(report)
                     if report.signum is not None and not stop.requested:
@@ -145,6 +142,12 @@ def _run_in_workers(
                     # again at every poll: a job still being handed over ignores it
                     _signal_workers(others)
             signum = stop.signum
+    except BrokenProcessPool as err:
+        executor.shutdown(wait=True, kill_workers=True)
+        raise JobFailed(
+            f"a {label} worker process died ({err}); rerun the same command to resume (out of "
+            "memory? try fewer --jobs)"
+        ) from err
     except BaseException:  # a second Ctrl-C, a bug: no job is waited for
         executor.shutdown(wait=True, kill_workers=True)
         raise
