@@ -291,9 +291,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="train and evaluate datasets x backbones x methods x shots (x seeds): one report "
         "in the papers' layout",
     )
-    sweep.add_argument(
-        "sweep", nargs="?", help="sweep file (e.g. configs/sweeps/paper_tables.yaml)"
-    )
     sweep.add_argument("--out", help="sweep folder (default: the file's out)")
     _add_runs_args(sweep, "runs")
     sweep.add_argument(
@@ -301,7 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="build results/ and the report of a sweep folder from its shards' runs",
     )
-    sweep.add_argument("overrides", nargs="*", help="key=value settings of the sweep file")
+    sweep.add_argument(
+        "items",
+        nargs="*",
+        metavar="SWEEP.yaml [key=value ...]",
+        help="the sweep file (e.g. configs/sweeps/paper_tables.yaml), then settings of it",
+    )
 
     report = sub.add_parser("report", help="tables in the papers' layout and plots from results")
     report.add_argument("paths", nargs="+", help="result JSON files or folders holding them")
@@ -381,7 +383,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command. Expected failures (a user's mistake or the environment: ``FsarError``,
     ``OSError``, YAML syntax) print one line ``fsar <cmd>: error: ...`` and exit 2; anything else
     is a bug and keeps its traceback. ``FSAR_DEBUG=1`` prints the traceback of everything."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "sweep" and all("=" in e and e[0] != "-" for e in extra):
+        args.items += extra  # settings of the sweep file given after the flags
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     debug = os.environ.get("FSAR_DEBUG", "") not in ("", "0")
     try:
         code = _dispatch(args)
@@ -437,10 +444,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "sweep":
         if args.collect:
             return commands.sweep_collect(Path(args.collect))
-        if not args.sweep:
-            raise ConfigError("fsar sweep needs a sweep file (or --collect DIR)")
+        files = [item for item in args.items if "=" not in item]
+        if len(files) != 1:
+            raise ConfigError("fsar sweep needs one sweep file (or --collect DIR)")
+        settings = [item for item in args.items if "=" in item]
         flags = [f"{f}={getattr(args, f)}" for f in SWEEP_FLAGS if getattr(args, f) is not None]
-        return commands.sweep(args.sweep, args.overrides + flags)
+        return commands.sweep(files[0], settings + flags)
     if args.command == "report":
         return commands.report(
             [Path(p) for p in args.paths], Path(args.out), args.runs, args.published

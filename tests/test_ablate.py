@@ -354,6 +354,10 @@ def test_a_sweep_names_the_config_files_it_misses(store, tmp_path, capsys):
     assert main(["sweep", str(sweep)]) == 2
     err = capsys.readouterr().err
     assert "1 config file(s) named by the sweep do not exist" in err and "trx.yaml" in err
+    assert main(["sweep", str(sweep), "--jobs", "2", "shots=[]"]) == 2  # settings after flags
+    assert "shots of the sweep is empty" in capsys.readouterr().err
+    assert main(["sweep", "--shard", "2/2", str(sweep)]) == 2
+    assert "shard must look like I/N with 0 <= I < N" in capsys.readouterr().err
 
 
 def test_the_shipped_paper_sweep_composes_every_cell_from_its_files(monkeypatch):
