@@ -22,14 +22,13 @@ from fsar.pipelines.jobs import (
     JobsError,
     job_config,
     make_plan,
-    paired,
     pending,
     read_plan,
     read_results,
-    summarize,
     write_plan,
 )
 from fsar.pipelines.pool import Schedule, my_share, run_jobs
+from fsar.pipelines.seeds import paired, summarize
 
 
 def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 
 from fsar.atomic import write_atomic
@@ -27,7 +26,6 @@ from fsar.devices import resolve_device
 from fsar.errors import FsarError
 from fsar.failures import describe_error
 from fsar.interrupts import Interrupted, stop_on_signals
-from fsar.pipelines.evaluate import EvalOutcome, compare, interval
 from fsar.pipelines.run_checkpoints import flatten
 
 JOB_FILE = "job.json"
@@ -319,74 +317,3 @@ def read_results(out: Path, plan: dict[str, Any]) -> list[dict[str, Any]]:
             "run the shards that hold them (or copy their folders in), then collect again"
         )
     return records
-
-
-# -- seeds -------------------------------------------------------------------------------------
-
-
-@dataclass
-class GroupSummary:
-    """The runs of one group (a table row, a report cell): one per training seed."""
-
-    records: list[dict[str, Any]]
-    per_episode: np.ndarray  # float64 [S, E]: accuracy of seed s on episode e, in [0, 1]
-
-    @property
-    def seeds(self) -> list[int]:
-        return [r["seed"] for r in self.records]
-
-    @property
-    def seed_accuracies(self) -> list[float]:
-        return [r["result"]["accuracy"] for r in self.records]
-
-    @property
-    def accuracy(self) -> float:
-        """Mean over seeds of each seed's accuracy (%); one seed: its accuracy."""
-        return float(np.mean(self.seed_accuracies))
-
-    @property
-    def ci95(self) -> float:
-        """95% episode interval of the seed-averaged per-episode accuracies."""
-        return interval(self.per_episode.mean(0))
-
-    @property
-    def seed_std(self) -> float | None:
-        """Sample std over seeds (ddof 1) of the accuracy; None with one seed."""
-        return float(np.std(self.seed_accuracies, ddof=1)) if len(self.records) > 1 else None
-
-    @property
-    def selection_accuracy(self) -> float | None:
-        found = [r["result"]["selection"] for r in self.records]
-        if any(s is None for s in found):
-            return None
-        return float(np.mean([s["accuracy"] for s in found]))
-
-    def outcome(self) -> EvalOutcome:
-        """Seed x episode pairs as one outcome (seed-major), for paired differences."""
-        return EvalOutcome(self.per_episode.reshape(-1), np.zeros((0, 0), np.int64))
-
-
-def summarize(records: list[dict[str, Any]]) -> dict[str, GroupSummary]:
-    """group -> its runs, in plan order; every run of a group scored on the same episodes."""
-    grouped: dict[str, list[dict[str, Any]]] = {}
-    for record in records:
-        grouped.setdefault(record["group"], []).append(record)
-    for group, runs in grouped.items():
-        if len({r["result"]["episodes_sha256"] for r in runs}) > 1:
-            raise JobsError(f"the seeds of {group} were scored on different episode lists")
-        if len({json.dumps(r["stores"], sort_keys=True) for r in runs}) > 1:
-            raise JobsError(f"the seeds of {group} were trained or scored on different stores")
-    return {
-        group: GroupSummary(runs, np.array([r["per_episode"] for r in runs], dtype=np.float64))
-        for group, runs in grouped.items()
-    }
-
-
-def paired(a: GroupSummary, b: GroupSummary):
-    """A - B paired on (seed index, episode): seed k of A against seed k of B."""
-    if a.per_episode.shape != b.per_episode.shape:
-        raise JobsError(
-            f"cannot pair runs of {len(a.records)} and {len(b.records)} seeds on "
-            f"{a.per_episode.shape[1]} and {b.per_episode.shape[1]} episodes"
-        )
-    return compare(a.outcome(), b.outcome())

@@ -33,18 +33,17 @@ from fsar.config import (
 )
 from fsar.heads.spec import option as _f
 from fsar.pipelines.jobs import (
-    GroupSummary,
     Job,
     job_config,
     make_plan,
     pending,
     read_plan,
     read_results,
-    summarize,
     write_plan,
 )
 from fsar.pipelines.pool import Schedule, my_share, run_jobs
 from fsar.pipelines.report import read_confusion_csv, write_report
+from fsar.pipelines.seeds import GroupSummary, summarize
 
 AXES = ("dataset", "backbone", "method", "shot")
 
