@@ -278,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=V1,V2",
         help="one grid axis (repeatable), e.g. --grid head.hsmr=true,false",
     )
-    _add_runs_args(ablate, "grid points")
+    _add_runs_args(ablate, "runs (grid point x seed)")
     ablate.add_argument(
         "--collect",
         metavar="DIR",
