@@ -26,14 +26,21 @@ STORE ?= $(OUT)
 RUN ?= outputs/runs/$(DATASET)_$(MODEL)_$(METHOD)_$(SHOT)shot
 GRID ?= --grid head.hsmr=true,false --grid head.padm=true,false
 ABLATION ?= outputs/ablations/$(DATASET)_$(MODEL)_$(METHOD)_$(SHOT)shot
+# runs of ablate / sweep (see README "fsar ablate" and "fsar sweep")
+SWEEP ?= configs/sweeps/paper_tables.yaml
+JOBS ?= 1
+SHARD ?=
+SEEDS ?=
+THREADS ?=
 FT_RUN ?= outputs/finetune/$(DATASET)_$(MODEL)_$(METHOD)_$(SHOT)shot
 RESULTS ?= outputs/runs
 REPORT ?= outputs/report
 
 EXP_CONFIG = $(if $(PRESET),--config configs/presets/$(PRESET).yaml) $(if $(wildcard $(EXPERIMENT)),--config $(EXPERIMENT))
+RUN_FLAGS = --jobs $(JOBS) $(if $(SHARD),--shard $(SHARD)) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(THREADS),--threads $(THREADS))
 WEIGHT_FLAGS := $(if $(PRETRAINED),--pretrained $(PRETRAINED)) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
 
-.PHONY: install test lint format extract train-heads finetune-e2e eval ablate report demo bench clean
+.PHONY: install test lint format extract train-heads finetune-e2e eval ablate sweep report demo bench clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -78,7 +85,10 @@ eval: $(STAMP)
 	$(FSAR) eval --dataset $(DATASET) --model $(MODEL) $(EXP_CONFIG) --checkpoint $(RUN)/best.pt --store $(STORE) $(EXTRA)
 
 ablate: $(STAMP)
-	$(FSAR) ablate --dataset $(DATASET) --model $(MODEL) $(EXP_CONFIG) --store $(STORE) --out $(ABLATION) $(GRID) $(EXTRA)
+	$(FSAR) ablate --dataset $(DATASET) --model $(MODEL) $(EXP_CONFIG) --store $(STORE) --out $(ABLATION) $(GRID) $(RUN_FLAGS) $(EXTRA)
+
+sweep: $(STAMP)
+	$(FSAR) sweep $(SWEEP) $(RUN_FLAGS) $(EXTRA)
 
 report: $(STAMP)
 	$(FSAR) report $(RESULTS) --out $(REPORT) --runs $(wildcard $(RESULTS)/*/)
@@ -97,6 +107,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/finetune.py --out benchmarks/results/finetune.json
 	$(PY) benchmarks/store_checks.py --out benchmarks/results/store_checks.json
 	$(PY) benchmarks/release_frames.py --out benchmarks/results/release_frames.json
+	$(PY) benchmarks/ablate_jobs.py --out benchmarks/results/ablate_jobs.json
+	$(PY) benchmarks/ablate_jobs.py --heads-only --out benchmarks/results/threads_per_head.json
 
 clean:
 	rm -rf outputs stores .pytest_cache

@@ -90,10 +90,17 @@ ABLATE_FLAGS = {
     "store": "train.store",
     "out": "ablate.out",
     "head": "head.name",
+    "way": "episodes.way",
     "shot": "episodes.shot",
     "steps": "train.steps",
     "device": "train.device",
+    "jobs": "ablate.jobs",
+    "shard": "ablate.shard",
+    "seeds": "ablate.seeds",
+    "threads": "ablate.threads",
 }
+# flag -> key of a sweep file (fsar sweep)
+SWEEP_FLAGS = ("out", "jobs", "shard", "seeds", "threads")
 FRAMES_FLAGS = {
     "dataset": "dataset.name",
     "root": "dataset.root",
@@ -257,7 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--steps", type=int, help="optimizer steps")
     _add_config_args(ft)
 
-    ablate = sub.add_parser("ablate", help="train and evaluate a grid of head settings")
+    ablate = _add_config_command(
+        sub, "ablate", "train and evaluate a grid of head settings", config_help
+    )
     _add_experiment_args(ablate)
     ablate.add_argument("--store", help="feature store (from fsar extract)")
     ablate.add_argument("--out", help="ablation directory")
@@ -269,7 +278,32 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=V1,V2",
         help="one grid axis (repeatable), e.g. --grid head.hsmr=true,false",
     )
+    _add_runs_args(ablate, "runs (grid point x seed)")
+    ablate.add_argument(
+        "--collect",
+        metavar="DIR",
+        help="build the table of an ablation folder from its shards' results (nothing runs)",
+    )
     _add_config_args(ablate)
+
+    sweep = sub.add_parser(
+        "sweep",
+        help="train and evaluate datasets x backbones x methods x shots (x seeds): one report "
+        "in the papers' layout",
+    )
+    sweep.add_argument("--out", help="sweep folder (default: the file's out)")
+    _add_runs_args(sweep, "runs")
+    sweep.add_argument(
+        "--collect",
+        metavar="DIR",
+        help="build results/ and the report of a sweep folder from its shards' runs",
+    )
+    sweep.add_argument(
+        "items",
+        nargs="*",
+        metavar="SWEEP.yaml [key=value ...]",
+        help="the sweep file (e.g. configs/sweeps/paper_tables.yaml), then settings of it",
+    )
 
     report = sub.add_parser("report", help="tables in the papers' layout and plots from results")
     report.add_argument("paths", nargs="+", help="result JSON files or folders holding them")
@@ -301,6 +335,17 @@ def _add_experiment_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--way", type=int, help="classes per episode")
     parser.add_argument("--shot", type=int, help="support videos per class (K)")
     parser.add_argument("--device", help="auto | cpu | cuda")
+
+
+def _add_runs_args(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--jobs", type=int, help=f"{what} trained at a time (processes)")
+    parser.add_argument(
+        "--shard",
+        metavar="I/N",
+        help=f"run share I of N of the {what} (e.g. $SLURM_ARRAY_TASK_ID/4)",
+    )
+    parser.add_argument("--seeds", type=int, help="training seeds per run (train.seed, +1, ...)")
+    parser.add_argument("--threads", type=int, help="CPU threads of each run (default 1)")
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -338,7 +383,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command. Expected failures (a user's mistake or the environment: ``FsarError``,
     ``OSError``, YAML syntax) print one line ``fsar <cmd>: error: ...`` and exit 2; anything else
     is a bug and keeps its traceback. ``FSAR_DEBUG=1`` prints the traceback of everything."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "sweep" and all("=" in e and e[0] != "-" for e in extra):
+        args.items += extra  # settings of the sweep file given after the flags
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     debug = os.environ.get("FSAR_DEBUG", "") not in ("", "0")
     try:
         code = _dispatch(args)
@@ -388,7 +438,18 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "finetune":
         return commands.finetune(config_from_args(args))
     if args.command == "ablate":
+        if args.collect:
+            return commands.ablate_collect(Path(args.collect))
         return commands.ablate(config_from_args(args))
+    if args.command == "sweep":
+        if args.collect:
+            return commands.sweep_collect(Path(args.collect))
+        files = [item for item in args.items if "=" not in item]
+        if len(files) != 1:
+            raise ConfigError("fsar sweep needs one sweep file (or --collect DIR)")
+        settings = [item for item in args.items if "=" in item]
+        flags = [f"{f}={getattr(args, f)}" for f in SWEEP_FLAGS if getattr(args, f) is not None]
+        return commands.sweep(files[0], settings + flags)
     if args.command == "report":
         return commands.report(
             [Path(p) for p in args.paths], Path(args.out), args.runs, args.published

@@ -187,9 +187,47 @@ def ablate(config: Config) -> int:
     from fsar.pipelines.ablate import run_ablation
 
     table = run_ablation(config)
+    if table is None:
+        _shard_done(config.ablate.shard, config.ablate.out, "ablate")
+        return 0
     print(table.read_text(), end="")
     print(f"-> {table} and {table.with_suffix('.csv')}")
     return 0
+
+
+def ablate_collect(folder: Path) -> int:
+    from fsar.pipelines.ablate import collect_ablation
+
+    table = collect_ablation(folder)
+    print(table.read_text(), end="")
+    print(f"-> {table} and {table.with_suffix('.csv')}")
+    return 0
+
+
+def sweep(path: str, overrides: list[str]) -> int:
+    from fsar.pipelines.sweep import load_sweep, run_sweep
+
+    config = load_sweep(path, overrides)
+    report = run_sweep(config)
+    if report is None:
+        _shard_done(config.shard, config.out, "sweep")
+        return 0
+    print(f"report -> {report}")
+    return 0
+
+
+def sweep_collect(folder: Path) -> int:
+    from fsar.pipelines.sweep import collect_sweep
+
+    print(f"report -> {collect_sweep(folder)}")
+    return 0
+
+
+def _shard_done(shard: str | None, out: str, command: str) -> None:
+    print(
+        f"{command}: shard {shard} finished; other shards' runs are still missing in {out}. "
+        f"When every shard is done: fsar {command} --collect {out}"
+    )
 
 
 def report(paths: list[Path], out: Path, runs: list[str], published: str | None) -> int:

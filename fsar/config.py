@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -276,7 +277,34 @@ class FinetuneConfig:
 
 
 @dataclass
-class AblateConfig:
+class RunsConfig:
+    """How a set of training runs is scheduled (``fsar ablate``, ``fsar sweep``)."""
+
+    seeds: int = _f(
+        1,
+        "training seeds per run (train.seed, train.seed+1, ...): tables give the mean over seeds, "
+        "its spread, and differences paired over seeds x episodes",
+    )
+    jobs: int = _f(1, "runs trained at a time, each in its own process (joblib's loky backend)")
+    threads: int = _f(
+        1,
+        "CPU threads of each run (torch.set_num_threads), whatever jobs is: CPU numbers are "
+        "bitwise repeatable for one thread count, another count rounds sums differently",
+    )
+    shard: str | None = _f(
+        None,
+        "I/N: run only share I of N of the runs (0 <= I < N), e.g. one scheduler array task "
+        "each; then --collect the folder",
+    )
+    devices: list[str] = _f(
+        [],
+        "devices the running jobs take in turn (job slot k: devices[k % len]); empty: every GPU "
+        "when train.device is auto and there are several, else train.device",
+    )
+
+
+@dataclass
+class AblateConfig(RunsConfig):
     grid: dict[str, list[Any]] = _f(
         {}, "dotted key -> values, e.g. {head.hsmr: [true, false], head.padm: [true, false]}"
     )
@@ -599,12 +627,34 @@ def validate_experiment(config: Config) -> None:
     if not pr.train_views:
         raise ConfigError("protocol.train_views must name at least one cached view (e.g. center)")
     config.head.check()
+    check_runs(config.ablate, "ablate.")
     for key in config.ablate.grid:
         if key.split(".")[0] not in ("head", "protocol", "train"):
             raise ConfigError(
                 f"ablate.grid key {key!r}: only head.*, protocol.* and train.* can vary "
                 "(the store and the evaluation episodes stay fixed)"
             )
+
+
+def check_runs(runs: RunsConfig, prefix: str) -> None:
+    """Value checks of a RunsConfig (the ``ablate`` section, a sweep file)."""
+    for key in ("seeds", "jobs", "threads"):
+        if getattr(runs, key) < 1:
+            raise ConfigError(f"{prefix}{key} must be >= 1, got {getattr(runs, key)}")
+    parse_shard(runs.shard, f"{prefix}shard")
+
+
+def parse_shard(text: str | None, key: str = "shard") -> tuple[int, int]:
+    """``"I/N"`` -> (I, N) with 0 <= I < N; None -> (0, 1), the whole set."""
+    if text is None:
+        return 0, 1
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+    if not match or int(match[1]) >= int(match[2]):
+        raise ConfigError(
+            f"{key} must look like I/N with 0 <= I < N (e.g. 0/4, the first of 4 shares), "
+            f"got {text!r}"
+        )
+    return int(match[1]), int(match[2])
 
 
 def check_head_batching(config: Config) -> None:

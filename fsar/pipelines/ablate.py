@@ -1,8 +1,10 @@
 """``fsar ablate``: a grid of head switches and hyper-parameters on one store, one episode list.
 
-Every grid point is trained with the same seed on the same store and scored on the same
+Every grid point is trained with the same seeds on the same store and scored on the same
 evaluation episodes, so the table's paired differences against the first point (the baseline)
-come with their own 95% intervals.
+come with their own 95% intervals. Each (point, seed) is one job of ``fsar.pipelines.jobs``:
+jobs run one after another, ``ablate.jobs`` at a time, or a shard of them per machine, and the
+table is always built from the jobs' result files (``collect_ablation``).
 """
 
 from __future__ import annotations
@@ -10,21 +12,23 @@ from __future__ import annotations
 import csv
 import itertools
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fsar.atomic import atomic_file, write_atomic
 from fsar.config import Config, ConfigError, check_head_batching, with_overrides
-from fsar.pipelines.evaluate import EvalOutcome, compare
-from fsar.pipelines.run_eval import run_evaluation
-from fsar.pipelines.train import train_heads
-
-
-@dataclass
-class AblationRow:
-    point: dict[str, Any]
-    result: dict[str, Any]
-    outcome: EvalOutcome
+from fsar.pipelines.jobs import (
+    Job,
+    JobsError,
+    job_config,
+    make_plan,
+    pending,
+    read_plan,
+    read_results,
+    write_plan,
+)
+from fsar.pipelines.pool import Schedule, my_share, run_jobs
+from fsar.pipelines.seeds import paired, summarize
 
 
 def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
@@ -42,85 +46,146 @@ def point_name(point: dict[str, Any]) -> str:
     return "__".join(f"{key.split('.')[-1]}={value}" for key, value in point.items())
 
 
-def run_ablation(config: Config, progress: bool = True) -> Path:
-    """Train and evaluate every grid point; write table.md and table.csv; return table.md."""
+def ablation_jobs(config: Config) -> list[Job]:
+    """One job per grid point and seed (seeds train.seed, train.seed + 1, ... of the point), in
+    table order; each is checked before any trains (a typo in the last point must not cost a
+    night)."""
+    out = Path(config.ablate.out)
+    jobs = []
+    for point in grid_points(config.ablate.grid):
+        first_seed = with_overrides(config, point).train.seed
+        for seed in range(first_seed, first_seed + config.ablate.seeds):
+            name = f"{point_name(point)}/seed={seed}"
+            settings = job_config(config, {**point, "train.seed": seed}, out / name)
+            check_head_batching(settings)
+            jobs.append(Job(name, point_name(point), point, seed, settings))
+    return jobs
+
+
+def run_ablation(config: Config, progress: bool = True) -> Path | None:
+    """Train and evaluate the grid points of this shard (skipping finished ones); when every
+    point of the grid has its result, write table.md / table.csv / ablation.json and return
+    table.md (None while other shards' points are missing)."""
     if not config.ablate.out:
         raise ConfigError("ablate.out is not set: pass --out ABLATION_DIR")
     out = Path(config.ablate.out)
-    points = grid_points(config.ablate.grid)
-    # Check every point before any training: a typo in the last point must not cost a night.
-    configs = [
-        with_overrides(
-            config,
-            {
-                **point,
-                "train.out": str(out / point_name(point)),
-                "eval.out": str(out / point_name(point) / "eval.json"),
-            },
-        )
-        for point in points
-    ]
-    for point_config in configs:
-        check_head_batching(point_config)
-    rows = []
-    for point, point_config in zip(points, configs, strict=True):
-        if progress:
-            print(f"ablate: {point_name(point)}")
-        trained = train_heads(point_config, progress=progress)
-        result, outcome = run_evaluation(
-            point_config, checkpoint=str(trained.out / "best.pt"), progress=progress
-        )
-        rows.append(AblationRow(point, result, outcome))
-    digests = {row.result["episodes_sha256"] for row in rows}
-    assert len(digests) == 1, "grid points were scored on different episodes"
-    return write_tables(rows, out)
+    jobs = ablation_jobs(config)
+    info = {"keys": list(config.ablate.grid), "seeds": config.ablate.seeds}
+    schedule = Schedule.of(config.ablate)
+    mine = my_share(jobs, schedule.shard)
+    plan = make_plan("ablate", jobs, info, local=mine)
+    write_plan(out, plan)
+    todo, finished = pending(out, plan, mine)
+    if finished and progress:
+        print(f"ablate: {finished} run(s) already finished in {out}: skipped")
+    run_jobs(todo, schedule, "ablate", progress)
+    if pending(out, plan, jobs)[0]:
+        return None
+    return collect_ablation(out)
 
 
-def write_tables(rows: list[AblationRow], out: Path) -> Path:
-    keys = list(rows[0].point)
-    base = rows[0]
-    header = keys + ["accuracy", "ci95", "diff_vs_first", "diff_ci95", "selection_accuracy"]
-    table = []
-    for row in rows:
-        paired = compare(row.outcome, base.outcome)
-        selection = row.result["selection"]
-        table.append(
-            [row.point[k] for k in keys]
+def collect_ablation(out: Path) -> Path:
+    """table.md, table.csv and ablation.json from ``out/plan.json`` and the jobs' results."""
+    out = Path(out)
+    plan = read_plan(out, "ablate")
+    records = read_results(out, plan)
+    if len({r["result"]["episodes_sha256"] for r in records}) != 1:
+        raise JobsError(f"the grid points in {out} were scored on different episode lists")
+    if len({json.dumps(r["stores"], sort_keys=True) for r in records}) != 1:
+        raise JobsError(f"the grid points in {out} were trained or scored on different stores")
+    return write_tables(plan, records, out)
+
+
+def write_tables(plan: dict[str, Any], records: list[dict[str, Any]], out: Path) -> Path:
+    keys = plan["info"]["keys"]
+    groups = list(summarize(records).values())
+    base = groups[0]
+    many = any(len(g.records) > 1 for g in groups)
+    rows, entries = [], []
+    for group in groups:
+        diff = paired(group, base)
+        labels = group.records[0]["labels"]
+        selection = group.selection_accuracy
+        rows.append(
+            [labels[k] for k in keys]
             + [
-                round(row.result["accuracy"], 2),
-                round(row.result["ci95"], 2),
-                round(paired.difference, 2),
-                round(paired.ci95, 2),
-                round(selection["accuracy"], 2) if selection else None,
+                round(group.accuracy, 2),
+                round(group.ci95, 2),
+                round(diff.difference, 2),
+                round(diff.ci95, 2),
+                round(selection, 2) if selection is not None else None,
+                len(group.records),
+                round(group.seed_std, 2) if group.seed_std is not None else None,
             ]
         )
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "table.csv").open("w", newline="") as file:
+        entries.append(
+            {
+                "point": labels,
+                "seeds": group.seeds,
+                "accuracy": group.accuracy,
+                "ci95": group.ci95,
+                "seed_std": group.seed_std,
+                "seed_accuracies": group.seed_accuracies,
+                "diff_vs_first": diff.difference,
+                "diff_ci95": diff.ci95,
+                "selection_accuracy": selection,
+                "result": group.records[0]["result"],  # the first seed's
+                "results": [r["result"] for r in group.records],
+            }
+        )
+    header = keys + ["accuracy", "ci95", "diff_vs_first", "diff_ci95", "selection_accuracy"]
+    with atomic_file(out / "table.csv", "w") as file:
         writer = csv.writer(file)
-        writer.writerow(header)
-        writer.writerows(table)
-    first = rows[0].result
-    lines = [
+        writer.writerow(header + ["seeds", "seed_std"])
+        writer.writerows(rows)
+    lines = _intro(records, groups, many) + [
+        "| "
+        + " | ".join(keys)
+        + (" | accuracy | seed std" if many else " | accuracy")
+        + " | diff vs first | selection acc |",
+        "|" + "---|" * (len(keys) + (4 if many else 3)),
+    ]
+    for values in rows:
+        point, (acc, ci, diff, diff_ci, sel, _, std) = values[: len(keys)], values[len(keys) :]
+        cells = [str(v) for v in point] + [f"{acc:.2f} ± {ci:.2f}"]
+        cells += [f"{std:.2f}" if std is not None else "-"] if many else []
+        cells += [f"{diff:+.2f} ± {diff_ci:.2f}", "-" if sel is None else f"{sel:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    write_atomic(out / "table.md", "\n".join(lines) + "\n")
+    write_atomic(out / "ablation.json", json.dumps(entries, indent=2) + "\n")
+    return out / "table.md"
+
+
+def _intro(records: list[dict[str, Any]], groups, many: bool) -> list[str]:
+    first = records[0]["result"]
+    seeds = sorted({r["seed"] for r in records})
+    threads = sorted({r["threads"] for r in records})
+    devices = sorted({r["device"] for r in records})
+    if many:
+        seeds_text = (
+            f"{len(groups[0].records)} training seeds per point (train.seed "
+            f"{', '.join(map(str, seeds))}): accuracy is the mean over seeds ± the 95% interval "
+            "of the seed-averaged per-episode accuracies, seed std the sample std of the seeds' "
+            "accuracies, differences are paired on (seed, episode) against the first row"
+        )
+    else:
+        seeds_text = (
+            f"train.seed {seeds[0] if len(seeds) == 1 else seeds}; differences are paired on "
+            "identical episodes against the first row"
+        )
+    return [
         f"# Ablation: {first['label']} on {first['dataset']} ({first['backbone']}, frozen cache)",
         "",
         f"{first['split']} split, {first['way']}-way {first['shot']}-shot, {first['episodes']} "
         f"episodes (sha256 {first['episodes_sha256'][:12]}), selection on "
-        f"{first['protocol']['selection_split']}; intervals are 95% (1.96 std / sqrt(n)), "
-        "differences are paired on identical episodes against the first row.",
-        "",
-        "| " + " | ".join(keys) + " | accuracy | diff vs first | selection acc |",
-        "|" + "---|" * (len(keys) + 3),
-    ]
-    for values in table:
-        point, (acc, ci, diff, diff_ci, sel) = values[: len(keys)], values[len(keys) :]
-        sel_text = "-" if sel is None else f"{sel:.2f}"
-        lines.append(
-            "| "
-            + " | ".join(str(v) for v in point)
-            + f" | {acc:.2f} ± {ci:.2f} | {diff:+.2f} ± {diff_ci:.2f} | {sel_text} |"
+        f"{first['protocol']['selection_split']}; intervals are 95% (1.96 std / sqrt(n)); "
+        f"{seeds_text}. Each run trained with {' / '.join(map(str, threads))} CPU thread(s) "
+        f"(ablate.threads) on {', '.join(devices)}"
+        + (
+            " (mixed thread counts: CPU numbers may differ by float rounding)"
+            if len(threads) > 1
+            else ""
         )
-    (out / "table.md").write_text("\n".join(lines) + "\n")
-    (out / "ablation.json").write_text(
-        json.dumps([{"point": r.point, "result": r.result} for r in rows], indent=2) + "\n"
-    )
-    return out / "table.md"
+        + ".",
+        "",
+    ]

@@ -266,12 +266,20 @@ def _row_note(number: int, key: tuple, found: list[dict[str, Any]]) -> str:
         return ", ".join(sorted(seen))
 
     variants = sorted({f"{r['dataset']}: {r.get('variant') or 'default'}" for r in found})
+    # results of fsar sweep with several training seeds: each cell is their mean
+    seeds = sorted({len(r["train_seeds"]) for r in found if len(r.get("train_seeds") or []) > 1})
+    averaged = (
+        f"; cells are means over {', '.join(map(str, seeds))} training seeds (± the interval of "
+        "the seed-averaged per-episode accuracies; seed_std in results.csv)"
+        if seeds
+        else ""
+    )
     return (
         f"- ({number}) {' · '.join(key)}: {values('way')}-way, {values('episodes')} episodes; "
         f"preset {values('preset', 'protocol')}; test frames {values('test_frames', 'protocol')}; "
         f"split variant {', '.join(variants)}; "
         f"model selected on {values('selection_split', 'protocol')} "
-        f"({values('episodes', 'selection')} validation episodes); ± = {INTERVAL}."
+        f"({values('episodes', 'selection')} validation episodes); ± = {INTERVAL}{averaged}."
     )
 
 
