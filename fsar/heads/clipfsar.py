@@ -12,7 +12,7 @@ from fsar.errors import ConfigError
 
 from .blocks import TRANSFORMER_KEYS, TransformerLayer, cos_sim
 from .otam import otam_distance
-from .output import Episode, EpisodeError, FewShotHead, HeadOutput, check_class_ids
+from .output import Episode, FewShotHead, HeadOutput, check_class_ids, video_class_ids
 from .spec import BuildContext, HeadConfig, HeadSpec, OfficialKeys, TrainingInputs, option
 
 __all__ = ["CLIPFSARHead", "CLIPFSARConfig", "SPEC"]
@@ -94,7 +94,9 @@ class CLIPFSARHead(FewShotHead):
         if self.fusion_beta is not None and not self.training:
             logits = self.fuse_with_text(distance, episode)
         aux = {}
-        ids = self._class_ids(episode, support_class_ids, query_class_ids, text_table)
+        ids = video_class_ids(
+            episode, support_class_ids, query_class_ids, text_table, "the video-text loss"
+        )
         if ids is not None:
             videos = torch.cat([episode.support, episode.query], dim=1)  # [B, S+Q, T, D]
             logits_text = self.video_text_logits(videos, text_table)  # [B, S+Q, C]
@@ -108,7 +110,9 @@ class CLIPFSARHead(FewShotHead):
         query_class_ids: Tensor | None = None,
         text_table: Tensor | None = None,
     ) -> None:
-        ids = self._class_ids(episode, support_class_ids, query_class_ids, text_table)
+        ids = video_class_ids(
+            episode, support_class_ids, query_class_ids, text_table, "the video-text loss"
+        )
         if ids is not None:
             check_class_ids(ids, text_table.shape[0], "rows of text_table")
 
@@ -120,35 +124,6 @@ class CLIPFSARHead(FewShotHead):
         tau = self.fusion_temperature
         p_fewshot = torch.softmax((tau - distance) / tau, dim=-1)
         return p_text.pow(self.fusion_beta) * p_fewshot.pow(1.0 - self.fusion_beta)
-
-    def _class_ids(
-        self,
-        episode: Episode,
-        support_class_ids: Tensor | None,
-        query_class_ids: Tensor | None,
-        text_table: Tensor | None,
-    ) -> Tensor | None:
-        """[B, S+Q] text_table row of every video (shapes checked); None without class ids."""
-        given = [x is not None for x in (support_class_ids, query_class_ids, text_table)]
-        if not any(given):
-            return None
-        if not all(given):
-            raise EpisodeError(
-                "the video-text loss needs support_class_ids, query_class_ids and "
-                "text_table together"
-            )
-        b, s, q = episode.support.shape[0], episode.support.shape[1], episode.query.shape[1]
-        if support_class_ids.shape != (b, s) or query_class_ids.shape != (b, q):
-            raise EpisodeError(
-                f"class ids must be [B,S]=[{b},{s}] and [B,Q]=[{b},{q}], got "
-                f"{list(support_class_ids.shape)} and {list(query_class_ids.shape)}"
-            )
-        if text_table.dim() != 2 or text_table.shape[1] != episode.support.shape[-1]:
-            raise EpisodeError(
-                f"text_table must be [C,D={episode.support.shape[-1]}], "
-                f"got {list(text_table.shape)}"
-            )
-        return torch.cat([support_class_ids, query_class_ids], dim=1).long()  # [B, S+Q]
 
 
 @dataclass

@@ -20,9 +20,9 @@ from fsar.errors import ConfigError
 
 from .blocks import GATE_KEYS, TRANSFORMER_KEYS, TransformerLayer, cos_sim
 from .clipspm_parts import TextVideoFusion, squared_distance
-from .cpm2c_parts import MultiScaleMotion, checked_class_ids, release_only_entries
+from .cpm2c_parts import MultiScaleMotion, release_only_entries
 from .otam import otam_distance
-from .output import Episode, EpisodeError, FewShotHead, HeadOutput, check_class_ids
+from .output import Episode, EpisodeError, FewShotHead, HeadOutput, check_class_ids, video_class_ids
 from .spec import (
     LOGITS_TERM,
     BuildContext,
@@ -212,7 +212,9 @@ class CPM2CHead(FewShotHead):
         scores = self.scores(episode)
         logits = self.local_weight * scores.logits_local + self.global_weight * scores.logits_global
         aux: dict[str, Tensor] = {}
-        ids = checked_class_ids(episode, support_class_ids, query_class_ids, text_table)
+        ids = video_class_ids(
+            episode, support_class_ids, query_class_ids, text_table, "the classification term"
+        )
         if ids is not None:
             videos = torch.cat([episode.support, episode.query], dim=1)
             aux["classification"] = _summed_ce(self.video_text_logits(videos, text_table), ids)
@@ -229,7 +231,9 @@ class CPM2CHead(FewShotHead):
         query_class_ids: Tensor | None = None,
         text_table: Tensor | None = None,
     ) -> None:
-        ids = checked_class_ids(episode, support_class_ids, query_class_ids, text_table)
+        ids = video_class_ids(
+            episode, support_class_ids, query_class_ids, text_table, "the classification term"
+        )
         if ids is not None:
             check_class_ids(ids, text_table.shape[0], "rows of text_table")
 

@@ -7,9 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .output import Episode, EpisodeError
-
-__all__ = ["MultiScaleMotion", "checked_class_ids", "conv_frames_last", "release_only_entries"]
+__all__ = ["MultiScaleMotion", "conv_frames_last", "release_only_entries"]
 
 
 def conv_frames_last(conv: nn.Conv1d, x: Tensor) -> Tensor:
@@ -44,35 +42,6 @@ class MultiScaleMotion(nn.Module):
         scales = [conv_frames_last(c, x) for c in (self.conv_k1, self.conv_k3, self.conv_dilated)]
         fused = conv_frames_last(self.merge, torch.cat(scales, dim=-1)) * self.residual_ratio + x
         return 0.5 * ((fused[:, 1:] - x[:, :-1]) + (fused[:, :-1] - x[:, 1:]))
-
-
-def checked_class_ids(
-    episode: Episode,
-    support_class_ids: Tensor | None,
-    query_class_ids: Tensor | None,
-    text_table: Tensor | None,
-) -> Tensor | None:
-    """The [B, S+Q] rows of `text_table` of the episode's videos, or None when not given.
-
-    Shapes are checked here; the id range by `check_class_ids` (CPM2CHead.check_inputs)."""
-    given = [x is not None for x in (support_class_ids, query_class_ids, text_table)]
-    if not any(given):
-        return None
-    if not all(given):
-        raise EpisodeError(
-            "the classification term needs support_class_ids, query_class_ids and text_table "
-            "together"
-        )
-    b, s, _, d = episode.support.shape
-    q = episode.query.shape[1]
-    if support_class_ids.shape != (b, s) or query_class_ids.shape != (b, q):
-        raise EpisodeError(
-            f"class ids must be [B,S]=[{b},{s}] and [B,Q]=[{b},{q}], got "
-            f"{list(support_class_ids.shape)} and {list(query_class_ids.shape)}"
-        )
-    if text_table.dim() != 2 or text_table.shape[1] != d:
-        raise EpisodeError(f"text_table must be [C,D={d}], got {list(text_table.shape)}")
-    return torch.cat([support_class_ids, query_class_ids], dim=1).long()
 
 
 # Shapes the release's prompt networks get from the run params it lacks (the golden files' choice).

@@ -94,6 +94,34 @@ def check_class_ids(ids: Tensor | None, rows: int, what: str) -> None:
             raise EpisodeError(f"class ids must lie in 0..{rows - 1} ({what}), got {low}..{high}")
 
 
+def video_class_ids(
+    episode: Episode,
+    support_class_ids: Tensor | None,
+    query_class_ids: Tensor | None,
+    text_table: Tensor | None,
+    term: str,
+) -> Tensor | None:
+    """The [B, S+Q] `text_table` row of every video of the episode (shapes checked), or None
+    when no class ids are given; `term` names the training term that needs them."""
+    given = [x is not None for x in (support_class_ids, query_class_ids, text_table)]
+    if not any(given):
+        return None
+    if not all(given):
+        raise EpisodeError(
+            f"{term} needs support_class_ids, query_class_ids and text_table together"
+        )
+    b, s, _, d = episode.support.shape
+    q = episode.query.shape[1]
+    if support_class_ids.shape != (b, s) or query_class_ids.shape != (b, q):
+        raise EpisodeError(
+            f"class ids must be [B,S]=[{b},{s}] and [B,Q]=[{b},{q}], got "
+            f"{list(support_class_ids.shape)} and {list(query_class_ids.shape)}"
+        )
+    if text_table.dim() != 2 or text_table.shape[1] != d:
+        raise EpisodeError(f"text_table must be [C,D={d}], got {list(text_table.shape)}")
+    return torch.cat([support_class_ids, query_class_ids], dim=1).long()
+
+
 @dataclass
 class Episode:
     """A checked batch of B episodes (shapes in the field comments)."""
