@@ -332,14 +332,30 @@ def test_clipfsar_video_text_term_and_fusion():
     close(head.train()(s, sl, q, ct).logits, plain(s, sl, q, ct).logits)
 
 
-def test_temporal_conv_equals_conv1d_over_time():
-    from fsar.heads import TemporalConv
+@pytest.mark.parametrize("frames", [2, 3, 8])
+def test_motion_module_closed_form_equals_the_convolutions_over_time(frames):
+    """The closed form (weighted time sums through the linear convolutions) = the direct form."""
+    from fsar.heads import MotionModule
 
-    torch.manual_seed(0)
-    conv = TemporalConv(16).double()
-    x = torch.randn(3, 7, 16, dtype=torch.float64)
-    expected = torch.nn.functional.conv1d(x.transpose(1, 2), conv.weight, conv.bias, padding=1)
-    close(conv(x), expected.transpose(1, 2))
+    torch.manual_seed(frames)
+    motion = MotionModule(16).double()
+    x = torch.randn(2, 3, frames, 16, dtype=torch.float64, requires_grad=True)
+
+    def direct(frames_x: torch.Tensor) -> torch.Tensor:
+        seq = frames_x.reshape(-1, frames, 16).transpose(1, 2)  # [V, D, T]
+        c = motion.conv2(motion.conv1(seq)).transpose(1, 2)  # [V, T, D]
+        v = frames_x.reshape(-1, frames, 16)
+        m = 0.5 * ((c[:, 1:] - v[:, :-1]) + (c[:, :-1] - v[:, 1:]))
+        return m.mean(1).reshape(2, 3, 16)
+
+    grad = torch.randn(2, 3, 16, dtype=torch.float64)
+    got = motion(x)
+    got_grads = torch.autograd.grad(got, [x, *motion.parameters()], grad)
+    expected = direct(x)
+    expected_grads = torch.autograd.grad(expected, [x, *motion.parameters()], grad)
+    close(got, expected)
+    for a, b in zip(got_grads, expected_grads, strict=True):
+        close(a, b)
 
 
 def test_cpu_dropout_drops_at_rate_p_keeps_the_mean_and_is_seeded():

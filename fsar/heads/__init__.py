@@ -14,7 +14,6 @@ from .blocks import (
     FeedForward,
     Gate,
     MotionModule,
-    TemporalConv,
     TransformerLayer,
     cos_sim,
 )
@@ -69,7 +68,6 @@ __all__ = [
     "ProtoMeanHead",
     "SPM_CHOICES",
     "STENHead",
-    "TemporalConv",
     "TextVideoFusion",
     "TransformerLayer",
     "TSNHead",

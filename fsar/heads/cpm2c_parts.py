@@ -13,8 +13,8 @@ __all__ = ["MultiScaleMotion", "conv_frames_last", "release_only_entries"]
 def conv_frames_last(conv: nn.Conv1d, x: Tensor) -> Tensor:
     """A stride-1 `conv` along time on frame-last inputs: x [V, T, C_in] -> [V, T', C_out].
 
-    One matrix product over the unfolded (dilated) windows, like `TemporalConv`, which is much
-    faster than a convolution kernel on short clips on CPU.
+    One matrix product over the unfolded (dilated) windows, which is much faster than a
+    convolution kernel on short clips on CPU.
     """
     (k,), (dilation,), (pad,) = conv.kernel_size, conv.dilation, conv.padding
     span = dilation * (k - 1) + 1
