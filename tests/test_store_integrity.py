@@ -202,3 +202,28 @@ def test_a_flipped_byte_in_an_hdf5_chunk_fails_its_checksum(pristine, tmp_path):
         f.write(bytes([byte[0] ^ 0xFF]))
     verify = run_fsar("cache", "verify", str(h5), check=False)
     assert verify.returncode == 1 and "videos 4..7: unreadable chunk" in verify.stdout
+
+
+@pytest.mark.parametrize("kind", ["numpy float16", "float16", "bfloat16", "float32"])
+def test_the_load_check_finds_non_finite_rows_in_every_step_and_dtype(monkeypatch, kind):
+    """The non-finite check steps over rows by bytes; a bad row in any step is named."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from fsar.cache import integrity
+
+    rows_per_step = 3
+    values = np.ones((10, 4, 8), dtype=np.float32)  # 10 videos, T=4, D=8
+    monkeypatch.setattr(integrity, "FINITE_BYTES", rows_per_step * 4 * 8 * 4)
+    values[1, 2, 3] = np.nan  # first step
+    values[7, 0, 0] = -np.inf  # third step
+    if kind == "numpy float16":
+        data = values.astype(np.float16)
+    else:
+        data = torch.from_numpy(values).to(getattr(torch, kind))
+    store = SimpleNamespace(path="store.zarr", video_ids=[f"v{i}" for i in range(20)])
+    rows = np.arange(10, 20)  # row i of the values is store row 10 + i
+    with pytest.raises(integrity.DamagedStoreError, match=r"in 2 done 'test'.*'v11', 'v17'"):
+        integrity.require_finite(store, "features/center", data, rows, "'test'")
+    integrity.require_finite(store, "features/center", data[2:7], rows[2:7], "'test'")
