@@ -12,7 +12,7 @@ from fsar.errors import ConfigError
 
 from .blocks import TRANSFORMER_KEYS, TransformerLayer, cos_sim
 from .otam import otam_distance
-from .output import Episode, FewShotHead, HeadOutput, check_class_ids, video_class_ids
+from .output import Episode, FewShotHead, HeadOutput, check_video_class_ids, video_class_ids
 from .spec import BuildContext, HeadConfig, HeadSpec, OfficialKeys, TrainingInputs, option
 
 __all__ = ["CLIPFSARHead", "CLIPFSARConfig", "SPEC"]
@@ -110,11 +110,9 @@ class CLIPFSARHead(FewShotHead):
         query_class_ids: Tensor | None = None,
         text_table: Tensor | None = None,
     ) -> None:
-        ids = video_class_ids(
+        check_video_class_ids(
             episode, support_class_ids, query_class_ids, text_table, "the video-text loss"
         )
-        if ids is not None:
-            check_class_ids(ids, text_table.shape[0], "rows of text_table")
 
     def fuse_with_text(self, distance: Tensor, episode: Episode) -> Tensor:
         """Release inference fusion of OTAM distances [B,Q,N] with the text probability."""

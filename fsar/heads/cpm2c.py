@@ -22,7 +22,14 @@ from .blocks import GATE_KEYS, TRANSFORMER_KEYS, TransformerLayer, cos_sim
 from .clipspm_parts import TextVideoFusion, squared_distance
 from .cpm2c_parts import MultiScaleMotion, release_only_entries
 from .otam import otam_distance
-from .output import Episode, EpisodeError, FewShotHead, HeadOutput, check_class_ids, video_class_ids
+from .output import (
+    Episode,
+    EpisodeError,
+    FewShotHead,
+    HeadOutput,
+    check_video_class_ids,
+    video_class_ids,
+)
 from .spec import (
     LOGITS_TERM,
     BuildContext,
@@ -231,11 +238,9 @@ class CPM2CHead(FewShotHead):
         query_class_ids: Tensor | None = None,
         text_table: Tensor | None = None,
     ) -> None:
-        ids = video_class_ids(
+        check_video_class_ids(
             episode, support_class_ids, query_class_ids, text_table, "the classification term"
         )
-        if ids is not None:
-            check_class_ids(ids, text_table.shape[0], "rows of text_table")
 
 
 def _mean_squared_distance(x: Tensor, y: Tensor) -> Tensor:

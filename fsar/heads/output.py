@@ -28,6 +28,7 @@ __all__ = [
     "FewShotHead",
     "episode_loss",
     "check_class_ids",
+    "check_video_class_ids",
 ]
 
 
@@ -120,6 +121,20 @@ def video_class_ids(
     if text_table.dim() != 2 or text_table.shape[1] != d:
         raise EpisodeError(f"text_table must be [C,D={d}], got {list(text_table.shape)}")
     return torch.cat([support_class_ids, query_class_ids], dim=1).long()
+
+
+def check_video_class_ids(
+    episode: Episode,
+    support_class_ids: Tensor | None,
+    query_class_ids: Tensor | None,
+    text_table: Tensor | None,
+    term: str,
+) -> None:
+    """The eager checks of `video_class_ids`' inputs (a head's `check_inputs`), including that
+    every id is a row of `text_table`."""
+    ids = video_class_ids(episode, support_class_ids, query_class_ids, text_table, term)
+    if ids is not None:
+        check_class_ids(ids, text_table.shape[0], "rows of text_table")
 
 
 @dataclass
