@@ -342,9 +342,14 @@ class FeatureStore:
                 f"video indices must lie in 0..{n - 1}; got min {idx.min()}, max {idx.max()}"
             )
         rows, inverse = np.unique(idx, return_inverse=True)
-        if np.array_equal(rows, idx):  # sorted and unique (every bank load): no reordering copy
-            return self._arrays.read(name, rows)
-        return self._arrays.read(name, rows)[inverse]
+        if not np.array_equal(rows, idx):
+            return self._arrays.read(name, rows)[inverse]
+        # sorted and unique (every bank load): no reordering copy; and a split's rows are
+        # usually contiguous (extraction lists videos split by split), which the backends read
+        # as one slice, about 1.5x faster than an orthogonal index read of the same rows
+        if rows.size and rows[-1] - rows[0] + 1 == rows.size:
+            return self._arrays.read(name, slice(int(rows[0]), int(rows[-1]) + 1))
+        return self._arrays.read(name, rows)
 
     def read_features(self, view: str = "center", indices: Any = None) -> np.ndarray:
         """[n, T_cap, D] for all videos or the given indices (any order, repeats ok)."""
