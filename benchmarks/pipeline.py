@@ -18,6 +18,7 @@ recorded with them, the ratio is the claim.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -42,6 +43,7 @@ from fsar.extract.encoders import TINY_MODELS, EncoderSpec, build_encoder
 from fsar.extract.runner import run_extraction
 from fsar.heads import episode_loss
 from fsar.heads.registry import head_config as registered_config
+from fsar.heads.registry import head_spec
 from fsar.pipelines.build import aux_weights, build_head
 from fsar.pipelines.checkpoint import load_checkpoint
 from fsar.pipelines.episodes import EpisodeIndex, EpisodeSampler, EpisodeShape, fixed_episodes
@@ -56,10 +58,13 @@ from fsar.pipelines.train import jitter_used_videos, train_heads
 WIDTH_RATIOS = {"rn50": 2, "vitb16": 4}
 
 
-def scaled_head(ratio: int, dim: int) -> list[str]:
-    """Overrides for a head `ratio` times as wide as the `dim`-d features (8 attention heads)."""
+def scaled_head(head: str, ratio: int, dim: int) -> list[str]:
+    """Overrides for a head `ratio` times as wide as the `dim`-d features (8 attention heads):
+    the MLP, prompt and attention-head widths among `head`'s own options."""
     width = ratio * dim
-    return [f"head.mlp_dim={width}", f"head.prompt_hidden={width}", f"head.dim_head={width // 8}"]
+    wanted = {"mlp_dim": width, "prompt_hidden": width, "dim_head": width // 8}
+    options = {field.name for field in dataclasses.fields(head_spec(head).config)}
+    return [f"head.{key}={value}" for key, value in wanted.items() if key in options]
 
 
 def sync(device: torch.device) -> None:
@@ -334,7 +339,8 @@ def main() -> None:
         train = dict(store=store_path, device=device, steps=steps, val_every=steps)
         train.update(tasks_per_batch=args.tasks_per_batch, episode_batch=args.tasks_per_batch)
         train.update(log_every=steps, val_episodes=args.val_episodes)  # one log line, at the end
-        widths = scaled_head(WIDTH_RATIOS[args.widths], open_store(store_path).layout.feature_dim)
+        feature_dim = open_store(store_path).layout.feature_dim
+        widths = scaled_head(args.head, WIDTH_RATIOS[args.widths], feature_dim)
         overrides = [f"head.name={args.head}", *widths, *args.set]
         config = load_config([], overrides + [f"train.{k}={v}" for k, v in train.items()])
         store = open_store(store_path)
