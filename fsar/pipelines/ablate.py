@@ -21,13 +21,10 @@ from fsar.pipelines.jobs import (
     Job,
     JobsError,
     job_config,
-    make_plan,
-    pending,
     read_plan,
     read_results,
-    write_plan,
 )
-from fsar.pipelines.pool import Schedule, my_share, run_jobs
+from fsar.pipelines.pool import Schedule, run_plan
 from fsar.pipelines.seeds import paired, summarize
 
 
@@ -71,15 +68,7 @@ def run_ablation(config: Config, progress: bool = True) -> Path | None:
     out = Path(config.ablate.out)
     jobs = ablation_jobs(config)
     info = {"keys": list(config.ablate.grid), "seeds": config.ablate.seeds}
-    schedule = Schedule.of(config.ablate)
-    mine = my_share(jobs, schedule.shard)
-    plan = make_plan("ablate", jobs, info, local=mine)
-    write_plan(out, plan)
-    todo, finished = pending(out, plan, mine)
-    if finished and progress:
-        print(f"ablate: {finished} run(s) already finished in {out}: skipped")
-    run_jobs(todo, schedule, "ablate", progress)
-    if pending(out, plan, jobs)[0]:
+    if not run_plan("ablate", jobs, info, Schedule.of(config.ablate), out, progress):
         return None
     return collect_ablation(out)
 

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -28,7 +30,7 @@ from tqdm import tqdm
 from fsar.config import RunsConfig, parse_shard
 from fsar.errors import FsarError
 from fsar.interrupts import Interrupted, stop_on_signals
-from fsar.pipelines.jobs import Job, JobReport, run_job
+from fsar.pipelines.jobs import Job, JobReport, make_plan, pending, run_job, write_plan
 
 POLL_S = 0.1  # how often the parent looks at its workers and at a stop request
 
@@ -75,6 +77,27 @@ def run_jobs(
     if schedule.jobs == 1 or len(jobs) == 1:
         return _run_here(jobs, schedule, devices, label, progress)
     return _run_in_workers(jobs, schedule, devices, label, progress)
+
+
+def run_plan(
+    command: str,
+    jobs: list[Job],
+    info: dict[str, Any],
+    schedule: Schedule,
+    out: Path,
+    progress: bool = True,
+) -> bool:
+    """Write ``out/plan.json`` for ``jobs`` and run this shard's unfinished ones (runs whose
+    results match the plan are skipped); True once every job of the plan, on every shard, has
+    its result."""
+    mine = my_share(jobs, schedule.shard)
+    plan = make_plan(command, jobs, info, local=mine)
+    write_plan(out, plan)
+    todo, finished = pending(out, plan, mine)
+    if finished and progress:
+        print(f"{command}: {finished} run(s) already finished in {out}: skipped")
+    run_jobs(todo, schedule, command, progress)
+    return not pending(out, plan, jobs)[0]
 
 
 def _run_here(jobs, schedule: Schedule, devices, label: str, progress: bool) -> list[JobReport]:

@@ -35,13 +35,10 @@ from fsar.heads.spec import option as _f
 from fsar.pipelines.jobs import (
     Job,
     job_config,
-    make_plan,
-    pending,
     read_plan,
     read_results,
-    write_plan,
 )
-from fsar.pipelines.pool import Schedule, my_share, run_jobs
+from fsar.pipelines.pool import Schedule, run_plan
 from fsar.pipelines.report import read_confusion_csv, write_report
 from fsar.pipelines.seeds import GroupSummary, summarize
 
@@ -167,15 +164,8 @@ def run_sweep(sweep: SweepConfig, progress: bool = True) -> Path | None:
     result, write results/ and report/ and return report.md (None while shards are missing)."""
     out = Path(sweep.out)
     jobs = sweep_jobs(sweep)
-    schedule = Schedule.of(sweep)
-    mine = my_share(jobs, schedule.shard)
-    plan = make_plan("sweep", jobs, {"published": _published_path(sweep.published)}, local=mine)
-    write_plan(out, plan)
-    todo, finished = pending(out, plan, mine)
-    if finished and progress:
-        print(f"sweep: {finished} run(s) already finished in {out}: skipped")
-    run_jobs(todo, schedule, "sweep", progress)
-    if pending(out, plan, jobs)[0]:
+    info = {"published": _published_path(sweep.published)}
+    if not run_plan("sweep", jobs, info, Schedule.of(sweep), out, progress):
         return None
     return collect_sweep(out)
 
