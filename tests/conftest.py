@@ -70,12 +70,11 @@ def run_fsar(
     *args: str, env: dict | None = None, check: bool = True
 ) -> subprocess.CompletedProcess:
     """Run the real CLI in a subprocess (as users do)."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     result = subprocess.run(
         [sys.executable, "-m", "fsar", *args],
         capture_output=True,
         text=True,
-        env=full_env,
+        env=_cli_env(env),
         cwd=REPO,
     )
     if check and result.returncode != 0:
@@ -83,6 +82,24 @@ def run_fsar(
             f"fsar {' '.join(args)} failed ({result.returncode}):\n{result.stderr}"
         )
     return result
+
+
+def start_fsar(*args: str, env: dict | None = None) -> subprocess.Popen:
+    """Start the real CLI in a subprocess without waiting (to signal or kill it mid-run); its
+    stdout and stderr are captured as text (read them with ``communicate``)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "fsar", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_cli_env(env),
+    )
+
+
+def _cli_env(extra: dict | None) -> dict:
+    # unbuffered, so that a killed run's output is not lost in its buffers
+    return {**os.environ, "PYTHONUNBUFFERED": "1", **(extra or {})}
 
 
 def assert_same_store(a: Path, b: Path) -> None:

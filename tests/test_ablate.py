@@ -9,11 +9,9 @@ other way of running the grid must write exactly the reference's table.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -28,7 +26,7 @@ from fsar.pipelines.ablate import ablation_jobs
 from fsar.pipelines.evaluate import interval
 from fsar.pipelines.jobs import JOB_FILE, make_plan, pending
 
-from .conftest import REPO
+from .conftest import REPO, start_fsar
 from .test_pipelines import extract_store
 
 STEPS = 40
@@ -253,14 +251,7 @@ def test_a_killed_grid_resumes_to_the_same_table(
 ):
     out = tmp_path / "killed"
     args = ablate_args(store, out, "--jobs", jobs)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "fsar", *args],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    process = start_fsar(*args)
     wait_for(lambda: mid_grid(out), process, "a finished job and one in training")
     process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=180)

@@ -7,10 +7,7 @@ resume (other worker count) that ends bitwise equal to the reference.
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +19,7 @@ from fsar.data.synthetic import DemoSpec, render_demo_dataset
 from fsar.pipelines.checkpoint import load_checkpoint
 from fsar.pipelines.finetune import finetune
 
-from .conftest import REPO
+from .conftest import start_fsar
 from .test_train_trust import metric_lines, wait_for_training
 
 STEPS = 4
@@ -64,13 +61,8 @@ def test_sigterm_stops_finetune_and_only_the_same_run_resumes(tmp_path, capsys, 
     finetune(load_config([], settings(videos, reference, "finetune.workers=0")), progress=False)
 
     run = tmp_path / "run"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "fsar", "finetune", *settings(videos, run, "finetune.workers=1")],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
+    process = start_fsar(
+        "finetune", *settings(videos, run, "finetune.workers=1"), env={"OMP_NUM_THREADS": "1"}
     )
     wait_for_training(process, run, 1)
     process.send_signal(signal.SIGTERM)

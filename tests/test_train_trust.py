@@ -27,7 +27,7 @@ from fsar.data.synthetic import DemoSpec, render_demo_dataset
 from fsar.pipelines.checkpoint import FORMAT, load_checkpoint
 from fsar.pipelines.train import TrainingDiverged, train_heads
 
-from .conftest import REPO, run_fsar
+from .conftest import REPO, run_fsar, start_fsar
 from .test_pipelines import SMALL_HEAD, extract_store, small_head
 
 STEPS, VAL_EVERY = 6, 2
@@ -406,14 +406,7 @@ def test_a_signal_stops_at_the_next_step_and_the_rerun_equals_an_uninterrupted_r
 ):
     run = tmp_path / "run"
     args = cli_args(store, run, SIGNAL_STEPS, "train.val_every=10")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "fsar", *args],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    process = start_fsar(*args)
     wait_for_training(process, run, 3)
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=120)
